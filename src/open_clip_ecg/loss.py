@@ -1,0 +1,182 @@
+"""Multi-label SigLIP loss: pair targets from the overlap of the two ECGs' finding sets.
+
+open_clip's ``SigLipLoss`` treats pair (i, j) of a batch as positive iff i == j. ECG reports
+repeat: many ECGs in a batch share findings or carry exactly the same ones ("sinus rhythm,
+normal ECG"), so identity targets push apart pairs that describe the same thing. Takahashi et al.
+(2026) replace the identity targets with a Jaccard score of the two label sets. Their exact
+equation is not public; this module uses:
+
+    t_ij = |L_i ∩ L_j| / |L_i ∪ L_j|        (two empty sets are identical: t_ij = 1)
+    loss = -1/B Σ_ij [ t_ij log σ(z_ij) + (1 - t_ij) log σ(-z_ij) ],   z_ij = s <x_i, y_j> + b
+
+i.e. the Jaccard score is the soft target of the same sigmoid binary cross-entropy SigLIP uses.
+Why this form: with t in [0, 1] the loss stays a proper BCE (minimised at σ(z_ij) = t_ij, so the
+model's pair probability learns the label overlap), a pair with identical finding sets is an
+ordinary positive, and with 0/1 targets it is exactly SigLIP (-log σ(±z) with ±1 labels); the
+normalisation by the local batch size B is ``SigLipLoss``'s. ``targets="exact"`` keeps hard
+targets (1 iff the finding sets are equal), ``targets="identity"`` is ``SigLipLoss`` itself.
+
+Distributed (``world_size > 1``): as in ``SigLipLoss``, each rank's images meet every rank's texts
+through the chosen ``dist_impl``; here the multi-hot labels are packed next to the text features
+in the same message, so cross-device pairs get their true targets (``SigLipLoss`` sets them all
+to 0). The exchange uses open_clip's own neighbour-exchange helpers and autograd collectives.
+Per-rank losses then sum to ``world_size`` x the single-process loss of the concatenated batch.
+All ranks must use the same local batch size and label vocabulary.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import (
+    SigLipLoss,
+    neighbour_exchange_bidir_with_grad,
+    neighbour_exchange_with_grad,
+)
+
+TARGET_MODES = ("jaccard", "exact", "identity")
+
+
+def jaccard_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """Pairwise Jaccard scores ``[len(a), len(b)]`` of two float multi-hot matrices.
+
+    Intersections come from one matmul; |A ∪ B| = |A| + |B| - |A ∩ B|. Two empty sets score 1.
+    """
+    intersection = labels_a @ labels_b.T
+    union = labels_a.sum(1, keepdim=True) + labels_b.sum(1) - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+
+
+def exact_match_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """1 where two multi-hot rows are the same set (intersection equals union), else 0."""
+    intersection = labels_a @ labels_b.T
+    union = labels_a.sum(1, keepdim=True) + labels_b.sum(1) - intersection
+    return (intersection == union).to(labels_a.dtype)
+
+
+_TARGET_FNS = {"jaccard": jaccard_targets, "exact": exact_match_targets}
+
+
+class MultiLabelSigLipLoss(SigLipLoss):
+    """SigLIP loss whose pair targets come from multi-hot finding labels (see module docstring).
+
+    Args:
+        cache_labels, rank, world_size, dist_impl: as ``open_clip.loss.SigLipLoss``.
+        targets: ``"jaccard"`` (soft Jaccard targets, default), ``"exact"`` (1 iff equal finding
+            sets) or ``"identity"`` (plain SigLIP; labels are then not needed and ignored).
+    """
+
+    def __init__(
+            self,
+            cache_labels: bool = False,
+            rank: int = 0,
+            world_size: int = 1,
+            dist_impl: Optional[str] = None,
+            targets: str = "jaccard",
+    ):
+        super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
+        if targets not in TARGET_MODES:
+            raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+        self.targets = targets
+
+    def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
+        """Soft targets ``[n_image, n_text]`` in [0, 1] for one block of pairs."""
+        # At least float32 whatever autocast would pick: bf16 counts are exact only up to 256 and
+        # bf16 would round the scores themselves.
+        dtype = torch.promote_types(image_labels.dtype, torch.float32)
+        with torch.autocast(device_type=image_labels.device.type, enabled=False):
+            return _TARGET_FNS[self.targets](image_labels.to(dtype), text_labels.to(dtype))
+
+    def _block_loss(self, image_features, text_features, image_labels, text_labels, logit_scale, logit_bias):
+        logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        # The BCE runs in at least float32: soft targets like 1/3 would be rounded in bf16.
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        targets = self.get_targets(image_labels, text_labels).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / image_features.shape[0]
+
+    def forward(
+            self,
+            image_features: torch.Tensor,
+            text_features: torch.Tensor,
+            logit_scale: torch.Tensor,
+            logit_bias: Optional[torch.Tensor] = None,
+            labels: Optional[torch.Tensor] = None,
+            output_dict: bool = False,
+    ):
+        _check_features(image_features, text_features)
+        if self.targets == "identity":
+            return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=output_dict)
+        _check_labels(labels, image_features.shape[0], self.targets)
+
+        labels = labels.to(text_features.dtype)
+        loss = self._block_loss(image_features, text_features, labels, labels, logit_scale, logit_bias)
+        if self.world_size > 1:
+            dim = text_features.shape[1]
+            # One message per hop: the labels ride in the same tensor as the text features, so they
+            # cannot fall out of step; gradients flow back through the feature columns only.
+            payload = torch.cat([text_features, labels], dim=1)
+            for received in self._exchange(payload):
+                loss = loss + self._block_loss(
+                    image_features, received[:, :dim], labels, received[:, dim:], logit_scale, logit_bias)
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _exchange(self, payload: torch.Tensor):
+        """Yield every other rank's ``[text | labels]`` payload, once each, via ``dist_impl``.
+
+        Mirrors the exchange schedules of ``SigLipLoss.forward`` with open_clip's own helpers.
+        """
+        right_rank = (self.rank + 1) % self.world_size
+        left_rank = (self.rank - 1 + self.world_size) % self.world_size
+        if self.dist_impl == "bidir":
+            to_left = to_right = payload
+            num_bidir, remainder = divmod(self.world_size - 1, 2)
+            for _ in range(num_bidir):
+                from_right, from_left = neighbour_exchange_bidir_with_grad(left_rank, right_rank, to_left, to_right)
+                yield from_right
+                yield from_left
+                to_left, to_right = from_right, from_left
+            if remainder:
+                yield neighbour_exchange_with_grad(left_rank, right_rank, to_right)
+        elif self.dist_impl == "shift":
+            to_right = payload
+            for _ in range(self.world_size - 1):
+                to_right = neighbour_exchange_with_grad(left_rank, right_rank, to_right)
+                yield to_right
+        elif self.dist_impl == "reduce":
+            for i in range(self.world_size):
+                received = torch.distributed.nn.all_reduce(payload * (self.rank == i), torch.distributed.ReduceOp.SUM)
+                if i != self.rank:
+                    yield received
+                else:
+                    # all_reduce's backward is itself a collective that every rank must enter, so
+                    # the own-rank result stays in the graph: as an empty block, where SigLipLoss
+                    # computes the whole block and multiplies it by 0.
+                    yield received[:0]
+        elif self.dist_impl == "gather":
+            for i, received in enumerate(torch.distributed.nn.all_gather(payload)):
+                if i != self.rank:
+                    yield received
+
+
+def _check_features(image_features, text_features):
+    for name, features in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(features, torch.Tensor) or features.ndim != 2:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"{name} must be a [batch, embed_dim] tensor, got {got}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features {tuple(image_features.shape)} and text_features {tuple(text_features.shape)} "
+            "must have the same [batch, embed_dim] shape")
+
+
+def _check_labels(labels, batch_size, targets):
+    expected = f"a [batch={batch_size}, n_labels] multi-hot tensor of 0/1 (bool, integer or float)"
+    if labels is None:
+        raise ValueError(f"targets={targets!r} needs labels: {expected}")
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be {expected}, got {type(labels).__name__}")
+    if labels.ndim != 2 or labels.shape[0] != batch_size:
+        raise ValueError(f"labels must be {expected}, got shape {tuple(labels.shape)}")
+    if labels.is_complex():
+        raise ValueError(f"labels must be {expected}, got dtype {labels.dtype}")
+    if labels.dtype != torch.bool and bool(((labels != 0) & (labels != 1)).any()):
+        raise ValueError(f"labels must be {expected}; found values other than 0 and 1")

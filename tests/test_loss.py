@@ -1,0 +1,179 @@
+"""MultiLabelSigLipLoss against a plain float64 reference, open_clip's SigLipLoss and bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import SigLipLoss
+
+from open_clip_ecg.loss import MultiLabelSigLipLoss, exact_match_targets, jaccard_targets
+
+MODES = ("jaccard", "exact", "identity")
+
+
+def reference_target(labels, i, j, mode):
+    a, b = set(np.flatnonzero(labels[i])), set(np.flatnonzero(labels[j]))
+    if mode == "identity":
+        return float(i == j)
+    if mode == "exact":
+        return float(a == b)
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def reference_loss_and_grads(image, text, scale, bias, labels, mode):
+    """The loss of the module docstring and its analytic gradients, pair by pair in float64 numpy.
+
+    dL/dz_ij = (sigmoid(z_ij) - t_ij) / B, chained through z_ij = scale * <x_i, y_j> + bias.
+    """
+    batch = image.shape[0]
+    loss = 0.0
+    grad_image, grad_text = np.zeros_like(image), np.zeros_like(text)
+    grad_scale = grad_bias = 0.0
+    for i in range(batch):
+        for j in range(batch):
+            cos = float(np.dot(image[i], text[j]))
+            z = scale * cos + bias
+            t = reference_target(labels, i, j, mode)
+            log_sig_pos, log_sig_neg = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
+            loss -= (t * log_sig_pos + (1 - t) * log_sig_neg) / batch
+            dz = (1.0 / (1.0 + math.exp(-z)) - t) / batch
+            grad_image[i] += dz * scale * text[j]
+            grad_text[j] += dz * scale * image[i]
+            grad_scale += dz * cos
+            grad_bias += dz
+    return loss, grad_image, grad_text, grad_scale, grad_bias
+
+
+def random_batch(batch=9, dim=6, n_labels=5, dtype=torch.float64, seed=0):
+    """Normalised features plus labels with empty rows and repeated sets, as reports have."""
+    generator = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(batch, dim, generator=generator, dtype=dtype), dim=-1)
+    text = F.normalize(torch.randn(batch, dim, generator=generator, dtype=dtype), dim=-1)
+    labels = (torch.rand(batch, n_labels, generator=generator) < 0.35).to(torch.float32)
+    labels[0] = 0
+    labels[1] = 0
+    labels[3] = labels[2]
+    return image, text, labels
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loss_and_gradients_match_float64_reference(mode):
+    image, text, labels = random_batch()
+    image.requires_grad_(True)
+    text.requires_grad_(True)
+    scale = torch.tensor(7.5, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+
+    loss = MultiLabelSigLipLoss(targets=mode)(image, text, scale, bias, labels=labels)
+    grads = torch.autograd.grad(loss, (image, text, scale, bias))
+
+    expected = reference_loss_and_grads(
+        image.detach().numpy(), text.detach().numpy(), 7.5, -2.0, labels.numpy(), mode)
+    assert loss.item() == pytest.approx(expected[0], rel=1e-12)
+    for got, want in zip(grads, expected[1:]):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_identity_matches_open_clip_siglip():
+    image, text, _ = random_batch(batch=64, dim=32, dtype=torch.float32, seed=1)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    inputs = [t.clone().requires_grad_(True) for t in (image, text, scale, bias)]
+    ours = MultiLabelSigLipLoss(targets="identity")(*inputs)
+    ours_grads = torch.autograd.grad(ours, inputs)
+    theirs_inputs = [t.clone().requires_grad_(True) for t in (image, text, scale, bias)]
+    theirs = SigLipLoss()(*theirs_inputs)
+    theirs_grads = torch.autograd.grad(theirs, theirs_inputs)
+    assert abs(ours.item() - theirs.item()) <= 1e-6
+    for got, want in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_distinct_single_findings_reduce_to_siglip():
+    """With one distinct finding per ECG, Jaccard and exact targets are the identity: SigLIP exactly."""
+    image, text, _ = random_batch(batch=16, dim=8, dtype=torch.float32, seed=2)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    one_finding_each = torch.eye(16)
+    expected = SigLipLoss()(image, text, scale, bias)
+    for mode in ("jaccard", "exact"):
+        got = MultiLabelSigLipLoss(targets=mode)(image, text, scale, bias, labels=one_finding_each)
+        assert abs(got.item() - expected.item()) <= 1e-6
+
+
+def test_targets_of_hand_made_label_sets():
+    #                       findings: 0  1  2
+    labels = torch.tensor([[0, 0, 0],  # {}
+                           [0, 0, 0],  # {}
+                           [1, 1, 0],  # {0, 1}
+                           [0, 0, 1],  # {2}
+                           [1, 0, 1],  # {0, 2}
+                           [1, 1, 0]], dtype=torch.float32)  # {0, 1}
+    jaccard = jaccard_targets(labels, labels)
+    assert jaccard[0, 1] == 1.0  # two empty sets are identical
+    assert jaccard[0, 2] == 0.0  # empty vs non-empty
+    assert jaccard[2, 3] == 0.0  # disjoint
+    assert jaccard[2, 4] == pytest.approx(1 / 3)  # {0} of {0, 1, 2}
+    assert jaccard[3, 4] == pytest.approx(1 / 2)  # {2} of {0, 2}
+    assert jaccard[2, 5] == 1.0  # same set on different rows
+    assert torch.equal(jaccard, jaccard.T)
+    assert torch.all(jaccard.diagonal() == 1)
+
+    exact = exact_match_targets(labels, labels)
+    expected_exact = torch.zeros(6, 6)
+    for i, j in [(0, 1), (2, 5)]:
+        expected_exact[i, j] = expected_exact[j, i] = 1
+    expected_exact.fill_diagonal_(1)
+    assert torch.equal(exact, expected_exact)
+
+
+def test_label_dtypes_and_output_dict():
+    image, text, labels = random_batch(dtype=torch.float32)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    loss_fn = MultiLabelSigLipLoss()
+    reference = loss_fn(image, text, scale, bias, labels=labels)
+    for as_dtype in (torch.bool, torch.uint8, torch.int64, torch.float16):
+        assert torch.equal(loss_fn(image, text, scale, bias, labels=labels.to(as_dtype)), reference)
+    out = loss_fn(image, text, scale, bias, labels=labels, output_dict=True)
+    assert set(out) == {"contrastive_loss"} and torch.equal(out["contrastive_loss"], reference)
+
+
+def test_bfloat16_features_keep_exact_soft_targets():
+    """Low-precision features: the loss is computed in float32 and stays close to the float32 loss."""
+    image, text, labels = random_batch(batch=32, dim=16, n_labels=40, dtype=torch.float32, seed=3)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    full = MultiLabelSigLipLoss()(image, text, scale, bias, labels=labels)
+    low = MultiLabelSigLipLoss()(image.bfloat16(), text.bfloat16(), scale.bfloat16(), bias.bfloat16(),
+                                 labels=labels)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(full.item(), rel=2e-2)
+
+
+def _bad_call(**overrides):
+    image, text, labels = random_batch(batch=4, dtype=torch.float32)
+    kwargs = dict(image_features=image, text_features=text, logit_scale=torch.tensor(10.0),
+                  logit_bias=torch.tensor(-10.0), labels=labels)
+    kwargs.update(overrides)
+    return kwargs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(labels=None), r"needs labels: a \[batch=4, n_labels\]"),
+    (dict(labels=torch.ones(5, 5)), r"\[batch=4, n_labels\].*got shape \(5, 5\)"),
+    (dict(labels=torch.ones(4)), r"got shape \(4,\)"),
+    (dict(labels=torch.full((4, 5), 2.0)), "values other than 0 and 1"),
+    (dict(labels=torch.full((4, 5), 0.5)), "values other than 0 and 1"),
+    (dict(labels=[[0, 1]] * 4), "got list"),
+    (dict(labels=torch.ones(4, 5, dtype=torch.complex64)), "dtype torch.complex64"),
+    (dict(text_features=torch.randn(5, 6)), r"must have the same \[batch, embed_dim\] shape"),
+    (dict(image_features=torch.randn(4, 6, 1)), r"image_features must be a \[batch, embed_dim\] tensor"),
+])
+def test_bad_input_raises_value_error(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MultiLabelSigLipLoss()(**_bad_call(**overrides))
+
+
+def test_identity_needs_no_labels_and_unknown_mode_is_rejected():
+    kwargs = _bad_call(labels=None)
+    assert torch.isfinite(MultiLabelSigLipLoss(targets="identity")(**kwargs))
+    with pytest.raises(ValueError, match="targets must be one of"):
+        MultiLabelSigLipLoss(targets="cosine")
