@@ -11,6 +11,10 @@ Likelihoods: PTB-XL gives each statement a likelihood in percent (15, 35, 50, 80
 diagnostic statements; ``0`` means *unknown* (always the case for form and rhythm statements).
 ``likelihood_threshold`` therefore only filters statements with a known likelihood: a code is
 kept when its likelihood is 0 (unknown) or >= the threshold. The default 0 keeps every code.
+
+Reports are returned as written: mostly German, some English and Swedish (PTB-XL's ``report``).
+Metadata: every other database column (NaN -> None), ``sex`` as "male"/"female" (PTB-XL: 0/1),
+``age`` with PTB-XL's privacy code 300 (older than 89) reported as 90.
 """
 from __future__ import annotations
 

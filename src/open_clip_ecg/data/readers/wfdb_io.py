@@ -32,8 +32,8 @@ from ..record import RecordError
 PathLike = Union[str, os.PathLike]
 
 # Multipliers from a header's physical units to millivolts. WFDB's default unit is mV.
-_TO_MILLIVOLTS = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "microvolts": 1e-3,
-                  "v": 1e3, "volt": 1e3, "volts": 1e3}
+# (wfdb reads headers as ASCII, so "uV" is the only spelling of microvolts that reaches us.)
+_TO_MILLIVOLTS = {"mv": 1.0, "uv": 1e-3, "v": 1e3}
 
 # Digital value WFDB reserves for "no sample" in 16-bit formats; becomes NaN like wfdb does.
 _INVALID_INT16 = -32768
@@ -108,13 +108,13 @@ def read_wfdb(path: PathLike, record_id: str = "") -> Tuple[np.ndarray, float, L
 
     Lead names are returned as written in the header. Invalid samples (WFDB's reserved digital
     value) come back as NaN; the preprocessing policy decides what to do with them.
-    Challenge records (a ``NAME.mat`` beside the header, variable ``val``) are read with
+    Challenge records (header naming ``.mat`` signal files, variable ``val``) are read with
     ``scipy.io.loadmat`` after :func:`read_header`; everything else with ``wfdb.rdrecord``
     directly (one header parse), and only a failed read is diagnosed from the file sizes.
     """
     base = record_base(path)
-    if os.path.isfile(base + ".mat"):
-        header = read_header(base, record_id)
+    header = read_header(base, record_id) if os.path.isfile(base + ".mat") else None
+    if header is not None and header.file_name and all(f.lower().endswith(".mat") for f in header.file_name):
         signal = _read_challenge_mat(header, base, record_id)
     else:
         header = _read_dat(base, record_id)
