@@ -36,21 +36,33 @@ from open_clip.loss import (
 TARGET_MODES = ("jaccard", "exact", "identity")
 
 
-def jaccard_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
-    """Pairwise Jaccard scores ``[len(a), len(b)]`` of two float multi-hot matrices.
+def pair_counts(labels_a: torch.Tensor, labels_b: torch.Tensor):
+    """|A ∩ B| and |A ∪ B|, each ``[len(a), len(b)]``, for two float multi-hot matrices.
 
-    Intersections come from one matmul; |A ∪ B| = |A| + |B| - |A ∩ B|. Two empty sets score 1.
+    Intersections come from one matmul; |A ∪ B| = |A| + |B| - |A ∩ B|. An empty row gets a virtual
+    "no finding" label, so two empty sets are the same set (|∩| = |∪| = 1), an empty and a
+    non-empty set share nothing, and no union is 0 (no division guard needed).
     """
+    labels_a, labels_b = _with_no_finding_label(labels_a), _with_no_finding_label(labels_b)
     intersection = labels_a @ labels_b.T
     union = labels_a.sum(1, keepdim=True) + labels_b.sum(1) - intersection
-    return torch.where(union > 0, intersection / union.clamp(min=1), torch.ones_like(union))
+    return intersection, union
+
+
+def _with_no_finding_label(labels: torch.Tensor) -> torch.Tensor:
+    return torch.cat([labels, (labels.sum(1, keepdim=True) == 0).to(labels.dtype)], dim=1)
+
+
+def jaccard_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """Pairwise Jaccard scores |A ∩ B| / |A ∪ B| (two empty sets score 1)."""
+    intersection, union = pair_counts(labels_a, labels_b)
+    return intersection / union
 
 
 def exact_match_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
-    """1 where two multi-hot rows are the same set (intersection equals union), else 0."""
-    intersection = labels_a @ labels_b.T
-    union = labels_a.sum(1, keepdim=True) + labels_b.sum(1) - intersection
-    return (intersection == union).to(labels_a.dtype)
+    """1 where two rows are the same finding set (intersection equals union), else 0."""
+    intersection, union = pair_counts(labels_a, labels_b)
+    return (intersection == union).to(intersection.dtype)
 
 
 _TARGET_FNS = {"jaccard": jaccard_targets, "exact": exact_match_targets}
