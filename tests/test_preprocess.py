@@ -68,6 +68,9 @@ def test_reduced_lead_set_output():
     out = preprocess_record(make_record(signal), 500, 10, leads=LEAD_SETS["6"]).astype(np.float32)
     assert out.shape == (6, 5000)
     np.testing.assert_allclose(out, signal[:6], atol=2e-3)
+    assert np.array_equal(preprocess_record(make_record(signal), 500, 10, leads="1"), out[:1].astype(np.float16))
+    with pytest.raises(ValueError, match="unknown lead names"):
+        preprocess_record(make_record(signal), 500, 10, leads=["I", "V7"])
 
 
 def test_missing_leads_policies():

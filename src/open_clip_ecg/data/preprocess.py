@@ -44,7 +44,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.signal import resample_poly
 
-from ..leads import STANDARD_LEADS, canonical_lead_name
+from ..leads import STANDARD_LEADS, canonical_lead_name, lead_set
 from .record import ECGRecord, RecordError
 
 MISSING_LEAD_POLICIES = ("error", "derive", "zero")
@@ -67,7 +67,8 @@ def _error(record: ECGRecord, reason: str, detail: str) -> RecordError:
 
 def reorder_leads(record: ECGRecord, leads: Sequence[str] = STANDARD_LEADS,
                   missing_leads: str = "error") -> np.ndarray:
-    """Signal rows in the order of `leads` (canonical names), derived/zero-filled per policy."""
+    """Signal rows in the order of `leads` (names, or a LEAD_SETS key such as "12"), derived or
+    zero-filled per policy; ValueError for a lead name that is not a standard lead."""
     if missing_leads not in MISSING_LEAD_POLICIES:
         raise ValueError(f"missing_leads must be one of {MISSING_LEAD_POLICIES}, not {missing_leads!r}")
     signal = record.signal
@@ -76,7 +77,7 @@ def reorder_leads(record: ECGRecord, leads: Sequence[str] = STANDARD_LEADS,
     if duplicates:
         raise _error(record, "lead_count", f"leads {duplicates} appear twice in {record.lead_names}")
     row_of = {name: i for i, name in enumerate(canonical)}
-    wanted = [canonical_lead_name(n) for n in leads]
+    wanted = lead_set(leads)
     missing = [n for n in wanted if n not in row_of]
     if not missing:
         return signal[[row_of[n] for n in wanted]]
@@ -163,7 +164,7 @@ def preprocess_record(record: ECGRecord, sampling_rate: float, seconds: float,
         raise _error(record, "non_finite", f"non-finite samples beyond {max_non_finite:.1%} of a used lead: {worst}")
 
     present = {canonical_lead_name(n) for n in record.lead_names}
-    measured = np.array([canonical_lead_name(n) in present for n in leads])  # not derived, not zero-filled
+    measured = np.array([n in present for n in lead_set(leads)])  # not derived, not zero-filled
     std = selected[measured].std(axis=1)
     if std.size and (std < flat_std_mv).all():
         raise _error(record, "flat", f"every lead has std < {flat_std_mv} mV (max {std.max():.2g} mV)")
