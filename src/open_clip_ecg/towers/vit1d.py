@@ -139,7 +139,7 @@ class VisionTransformer1d(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
-        """Parameter groups: patch/position embedding first, one group per block, final norm last."""
+        """Parameter groups: patch/position embedding, then one per block (the final norm joins the last)."""
         return dict(stem=r"^cls_token|^pos_embed|^patch_embed",
                     blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
