@@ -136,6 +136,8 @@ class MultiLabelSigLipLoss(SigLipLoss):
 
         Mirrors the exchange schedules of ``SigLipLoss.forward`` with open_clip's own helpers.
         """
+        import torch.distributed.nn  # autograd-aware collectives; only distributed runs need them
+
         right_rank = (self.rank + 1) % self.world_size
         left_rank = (self.rank - 1 + self.world_size) % self.world_size
         if self.dist_impl == "bidir":
@@ -190,5 +192,7 @@ def _check_labels(labels, batch_size, targets):
         raise ValueError(f"labels must be {expected}, got shape {tuple(labels.shape)}")
     if labels.is_complex():
         raise ValueError(f"labels must be {expected}, got dtype {labels.dtype}")
+    # One small reduction and host sync per step: a count or a probability passed as a label would
+    # otherwise train silently on wrong targets.
     if labels.dtype != torch.bool and bool(((labels != 0) & (labels != 1)).any()):
         raise ValueError(f"labels must be {expected}; found values other than 0 and 1")
