@@ -1,0 +1,209 @@
+"""ECG embeddings of shards: the step zero-shot evaluation, the linear probe and `open-clip-ecg embed`
+share (shards -> model-ready ECGs -> L2-normalised ECG-tower embeddings, in shard order).
+
+ECGs are prepared as for validation during training: the selected leads, a centre crop of
+``seconds`` (default: the whole stored record) and the same normalisation
+(:func:`open_clip_ecg.data.pipeline.make_eval_loader`).
+
+CLI::
+
+    open-clip-ecg embed --model ECG-RN18-MiniLM --pretrained epoch_10.pt --data shards/ --split test --out emb/
+
+writes ``emb/embeddings.npy`` (float32 ``[N, embed_dim]``, rows in shard order), ``emb/index.csv``
+(row, key, label codes) and ``emb/embed.json`` (model, checkpoint, data, crop, shape).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.pipeline import expand_shards, make_eval_loader, read_shard_info
+from .leads import STANDARD_LEADS
+from .zeroshot import encode_ecg
+
+
+@dataclass
+class ShardRecords:
+    """What evaluation needs of each record, in shard order, next to its embedding or scores."""
+
+    keys: List[str]
+    label_codes: List[List[str]]
+    metas: List[Dict]
+
+
+@dataclass
+class EmbeddedShards:
+    embeddings: np.ndarray  # float32 [N, embed_dim]
+    records: ShardRecords
+    n_samples: int
+    sampling_rate: float
+    shards: List[str]
+
+
+def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
+    """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
+
+    `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
+    'state_dict', ...}``, a 'module.' prefix is stripped) or a bare state dict. open_clip loads it
+    with ``torch.load(weights_only=True)`` and ``strict=True``; a checkpoint of another architecture
+    is a ValueError naming both and the differing tensors. ``None`` gives fresh initial weights.
+    """
+    import open_clip
+
+    from .registry import list_ecg_models
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise ValueError(f"checkpoint {pretrained!r} does not exist")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except (RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(_checkpoint_mismatch(name, pretrained, err)) from err
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def _checkpoint_mismatch(name: str, pretrained: str, err: Exception) -> str:
+    """Why `pretrained` does not load into model `name`: which tensors are missing, extra or resized."""
+    import open_clip
+
+    try:
+        state = open_clip.load_state_dict(pretrained, weights_only=True)
+    except Exception as load_err:  # unreadable, or pickled objects weights_only refuses
+        return f"cannot read checkpoint {pretrained!r} for model {name!r}: {load_err}"
+    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{label}: {len(items)} (e.g. {', '.join(items[:3])})"
+             for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", resized)) if items]
+    detail = "; ".join(parts) or str(err).splitlines()[0]
+    return (f"checkpoint {pretrained!r} does not match model {name!r}: {detail}. "
+            "Pass the --model the checkpoint was trained with.")
+
+
+def resolve_shards(spec, split: Optional[str] = None) -> List[str]:
+    """Shard paths of `spec`; a folder needs `split`, so a folder's train shards are never evaluated
+    by accident. ValueError naming the spec when nothing matches."""
+    if isinstance(spec, str) and os.path.isdir(spec) and not split:
+        raise ValueError(f"{spec!r} is a folder of shards: give a split (train, val or test) or a shard pattern "
+                         f"such as '{spec.rstrip('/')}/test-{{000000..000001}}.tar'")
+    return expand_shards(spec, split=split)
+
+
+def model_leads(model) -> List[str]:
+    """The leads an open_clip ECG model's tower (or a bare tower) takes, in order (12 unless it says otherwise)."""
+    tower = getattr(model, "visual", model)
+    tower = getattr(tower, "trunk", tower)
+    return list(getattr(tower, "lead_names", None) or STANDARD_LEADS)
+
+
+def crop_length(shards: Sequence[str], seconds: Optional[float] = None):
+    """(samples per ECG, sampling rate): `seconds` at the shards' rate, default the stored length."""
+    info = read_shard_info(shards)
+    if seconds is None:
+        return info["n_samples"], info["sampling_rate"]
+    n_samples = int(round(seconds * info["sampling_rate"]))
+    if not 0 < n_samples <= info["n_samples"]:
+        raise ValueError(f"--seconds {seconds} is outside the stored records "
+                         f"({info['n_samples'] / info['sampling_rate']:g} s at {info['sampling_rate']:g} Hz)")
+    return n_samples, info["sampling_rate"]
+
+
+def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str], n_samples: int,
+               leads: Sequence[str], batch_size: int = 64, workers: int = 0, desc: str = "ECGs"):
+    """``fn(ecg batch)`` over every record of `shards` in order: (outputs [N, ...] numpy, records)."""
+    chunks, records = [], ShardRecords([], [], [])
+    loader = make_eval_loader(shards, n_samples=n_samples, batch_size=batch_size, workers=workers, leads=leads)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=None):  # bar on terminals only
+        chunks.append(fn(batch["ecg"]).detach().cpu().float().numpy())
+        records.keys.extend(batch["keys"])
+        records.label_codes.extend(batch["label_codes"])
+        records.metas.extend(batch["meta"])
+    if not chunks:
+        raise ValueError(f"the shards {shards[0]}{' ...' if len(shards) > 1 else ''} hold no samples")
+    return np.concatenate(chunks), records
+
+
+def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: int = 64,
+                 workers: int = 0, normalize: bool = True) -> EmbeddedShards:
+    """ECG embeddings of every record of `shards` (paths or a spec), with keys, codes and meta."""
+    shards = expand_shards(shards)
+    n_samples, rate = crop_length(shards, seconds)
+    embeddings, records = map_shards(
+        lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),
+        shards, n_samples, model_leads(model), batch_size, workers, desc="embed")
+    return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, rate, list(shards))
+
+
+def write_atomic(path: str, write) -> None:
+    """Write through `write(tmp_path)`, then move into place, so a crash leaves no half file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_embeddings(embedded: EmbeddedShards, out_dir: str, about: Dict) -> Dict[str, str]:
+    """embeddings.npy, index.csv and embed.json in `out_dir` (each written atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {name: os.path.join(out_dir, name) for name in ("embeddings.npy", "index.csv", "embed.json")}
+
+    def save_npy(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, embedded.embeddings, allow_pickle=False)
+
+    def save_index(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["row", "key", "label_codes"])
+            for row, (key, codes) in enumerate(zip(embedded.records.keys, embedded.records.label_codes)):
+                writer.writerow([row, key, " ".join(codes)])
+
+    def save_about(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({**about, "shape": list(embedded.embeddings.shape), "n_samples": embedded.n_samples,
+                       "sampling_rate": embedded.sampling_rate, "shards": embedded.shards}, f, indent=2)
+
+    write_atomic(paths["embeddings.npy"], save_npy)
+    write_atomic(paths["index.csv"], save_index)
+    write_atomic(paths["embed.json"], save_about)
+    return paths
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="model config name, e.g. ECG-RN18-MiniLM")
+    parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
+    parser.add_argument("--data", required=True, help="shards: brace pattern, glob, '::' list, or folder + --split")
+    parser.add_argument("--split", default=None, help="split to read when --data is a folder (train/val/test)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seconds", type=float, default=None, help="centre crop length (default: whole record)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-normalize", action="store_true", help="keep the raw (unnormalised) projections")
+
+
+def run(args) -> int:
+    model, _ = load_model(args.model, args.pretrained, device=args.device)
+    embedded = embed_shards(model, resolve_shards(args.data, args.split), seconds=args.seconds,
+                            batch_size=args.batch_size, workers=args.workers, normalize=not args.no_normalize)
+    paths = write_embeddings(embedded, args.out, {"model": args.model, "pretrained": args.pretrained,
+                                                  "data": args.data, "split": args.split,
+                                                  "normalized": not args.no_normalize})
+    print(f"wrote {embedded.embeddings.shape[0]} embeddings of dim {embedded.embeddings.shape[1]} to "
+          f"{paths['embeddings.npy']}")
+    return 0
