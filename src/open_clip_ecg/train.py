@@ -1,0 +1,399 @@
+"""Train ECG-text models with open_clip's own loop: ``python -m open_clip_ecg.train [flags]``.
+
+Every open_clip_train flag keeps its meaning (precision, --accum-freq, --resume, logs,
+tensorboard, schedules, locking, torchrun DDP); ``--ecg-*`` flags add what ECGs need. This module
+is the *only* place that touches open_clip_train. It swaps a few names that open_clip_train looks
+up at call time (the seams, listed in :func:`open_clip_seams`) for the duration of one run:
+
+=========================================== ==================================================
+seam                                        why
+=========================================== ==================================================
+``open_clip_train.main.parse_args``         add ``--ecg-*`` options, force SigLIP, reject flags
+                                            that cannot work with ECGs, fp32 default on CPU
+``open_clip_train.main.create_model_and_…`` give the model a forward that unpacks the labels
+                                            carried with the text and returns them as
+                                            ``labels`` (accumulation caches them like features)
+``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
+``open_clip_train.main.torch``              atomic ``torch.save``; DDP that accepts CPU modules
+                                            (upstream passes ``device_ids=[cpu]``, which torch
+                                            rejects)
+``open_clip_train.data.get_dataset_fn``     ECG shard loaders instead of image loaders
+``open_clip_train.train.zero_shot_eval``    multi-label zero-shot metrics on the val shards
+                                            instead of ImageNet
+=========================================== ==================================================
+
+Why labels ride inside the text tensor: the loop does ``images, texts = batch`` and calls
+``loss(**model_out)``, so the only per-sample channel from loader to loss is the batch itself.
+Packing the multi-hot labels into each text row (:mod:`open_clip_ecg.data.pipeline`) keeps them
+aligned through ``.to(device)``, DDP and ``--accum-freq`` caches; a fingerprint taken when the
+sample is read is checked on every forward (the label-alignment contract).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import types
+from typing import Dict, List, Optional
+
+import numpy as np
+import open_clip
+import torch
+
+from .data.pipeline import (
+    ECGSamplePreparer,
+    expand_shards,
+    fingerprint,
+    make_train_loader,
+    make_val_loader,
+    read_shard_info,
+    unpack_text_and_labels,
+)
+from .leads import LEAD_SETS
+from .loss import TARGET_MODES, MultiLabelSigLipLoss
+from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
+
+# Flags of open_clip_train that cannot work with ECG towers, and what to do instead.
+REJECTED_FLAGS = {
+    "imagenet_val": "ImageNet zero-shot needs images; ECG zero-shot runs on --val-data shards",
+    "imagenet_v2": "ImageNet zero-shot needs images; ECG zero-shot runs on --val-data shards",
+    "horovod": "open_clip's SigLIP loss does not support horovod; use torchrun",
+    "force_patch_dropout": "patch dropout is for image ViTs; use --ecg-lead-dropout",
+    "distill_model": "distillation is not supported for ECG models",
+    "trace": "tracing builds an image input; train without --trace",
+    "torchscript": "TorchScript is not supported for ECG towers",
+    "pretrained_image": "no pretrained ECG tower weights are shipped; use --pretrained CKPT",
+    "local_loss": "--local-loss is a ClipLoss option; the ECG loss is SigLIP",
+    "gather_with_grad": "--gather-with-grad is a ClipLoss option; use --loss-dist-impl",
+    "aug_cfg": "image augmentations do not apply; use --ecg-amplitude-scale/--ecg-lead-dropout",
+    "force_image_size": "ECG towers take any length; use --ecg-seconds",
+    "image_mean": "ECG normalisation is --ecg-normalize",
+    "image_std": "ECG normalisation is --ecg-normalize",
+}
+PURE_PRECISIONS = {"bf16", "fp16", "pure_bf16", "pure_fp16"}
+
+
+class LabelAlignmentError(RuntimeError):
+    """The labels in a batch are not those of the batch's texts."""
+
+
+# --------------------------------------------------------------------------------------------
+# --ecg-* options
+# --------------------------------------------------------------------------------------------
+
+def ecg_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("ECG options (open_clip_ecg)")
+    group.add_argument("--ecg-targets", choices=TARGET_MODES, default="jaccard",
+                       help="SigLIP pair targets: Jaccard of finding sets (default), identity "
+                            "(plain SigLIP) or exact label-set match")
+    group.add_argument("--ecg-seconds", type=float, default=5.0,
+                       help="length of the random training crop in seconds (default 5; the paper's "
+                            "crop length is unknown)")
+    group.add_argument("--ecg-eval-seconds", type=float, default=None,
+                       help="centre crop for validation/zero-shot (default: the whole stored record)")
+    group.add_argument("--ecg-leads", choices=sorted(LEAD_SETS), default=None,
+                       help="lead set fed to the model (default: what the model's tower expects)")
+    group.add_argument("--ecg-normalize", choices=("center", "zscore", "none"), default="center",
+                       help="per-lead normalisation (default center: subtract the mean, keep mV "
+                            "so voltage criteria survive)")
+    group.add_argument("--ecg-amplitude-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                       help="random amplitude scaling range for training")
+    group.add_argument("--ecg-lead-dropout", type=float, default=0.0,
+                       help="probability of zeroing each lead during training")
+    group.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
+                       help="pair the --model's ECG tower with this local Hugging Face text model")
+    return parser
+
+
+def _tower_lead_set(model_name: str) -> str:
+    """The lead set ('12', '6', '1') the model config's ECG tower is built for."""
+    import timm
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown model {model_name!r}; ECG models: {open_clip_ecg_models()}")
+    tower = cfg["vision_cfg"].get("timm_model_name")
+    if not tower:
+        raise ValueError(f"model {model_name!r} has no timm ECG tower; ECG models: {open_clip_ecg_models()}")
+    n_leads = timm.models.get_pretrained_cfg(tower).input_size[0]
+    for name, leads in LEAD_SETS.items():
+        if len(leads) == n_leads:
+            return name
+    raise ValueError(f"tower {tower} expects {n_leads} leads, which is no known lead set")
+
+
+def open_clip_ecg_models() -> List[str]:
+    from .registry import list_ecg_models
+
+    return list_ecg_models()
+
+
+def check_open_clip_args(args: argparse.Namespace) -> None:
+    """Reject flags that cannot work with ECG models, with what to use instead."""
+    problems = []
+    for flag, advice in REJECTED_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value not in (None, False, 0, "", [], {}):
+            problems.append(f"--{flag.replace('_', '-')}: {advice}")
+    if args.precision in PURE_PRECISIONS:
+        problems.append(f"--precision {args.precision} casts the logit scale/bias to low precision and "
+                        "freezes them; use amp_bf16 (GPU), amp or fp32")
+    if "coca" in args.model.lower():
+        problems.append("CoCa models need an image decoder; use an ECG-* model")
+    if args.dataset_type not in ("auto", "webdataset"):
+        problems.append(f"--dataset-type {args.dataset_type}: ECG training reads open-clip-ecg shards")
+    if args.lock_text and args.lock_text_unlocked_layers > 0 and args.model.lower().find("cliptext") < 0:
+        problems.append("--lock-text-unlocked-layers > 0 fails for BERT-family HF towers in open_clip "
+                        "3.3 (KeyError 'layer_attr'); lock the whole text tower or none")
+    if problems:
+        raise ValueError("flags that cannot work with ECG training:\n  " + "\n  ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+# The model's label-carrying forward
+# --------------------------------------------------------------------------------------------
+
+def check_label_alignment(tokens: torch.Tensor, labels: torch.Tensor, carried: torch.Tensor) -> None:
+    """Raise LabelAlignmentError if any row's labels are not the ones read with its text."""
+    mismatch = fingerprint(tokens, labels) != carried
+    if bool(mismatch.any()):
+        rows = mismatch.nonzero().flatten().tolist()
+        raise LabelAlignmentError(
+            f"labels of {len(rows)}/{len(carried)} samples in this batch do not belong to their text "
+            f"(rows {rows[:8]}): the data pipeline paired labels with the wrong samples")
+
+
+def _labelled_forward(self, image=None, text=None):
+    """CLIP.forward for packed text rows: returns the batch's labels with the features."""
+    if text is None:
+        return type(self).forward(self, image, None)
+    tokens, labels, carried = unpack_text_and_labels(text)
+    check_label_alignment(tokens, labels, carried)
+    out = type(self).forward(self, image, tokens)
+    out["labels"] = labels
+    return out
+
+
+def enable_label_passing(model: torch.nn.Module) -> torch.nn.Module:
+    """Make `model` accept packed (labels + tokens) text rows; weights and state_dict unchanged."""
+    model.forward = types.MethodType(_labelled_forward, model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+def _shard_info_for(args, is_train: bool) -> Dict:
+    """Shard info for the train or val shards; val must share the training vocabulary."""
+    shards = expand_shards(args.train_data if is_train else args.val_data)
+    info = read_shard_info(shards)
+    key = "train" if is_train else "val"
+    args.ecg_shard_info = getattr(args, "ecg_shard_info", {})
+    args.ecg_shard_info[key] = info
+    other = args.ecg_shard_info.get("val" if is_train else "train")
+    if other is not None:
+        codes = [v["code"] for v in info["vocabulary"]]
+        if codes != [v["code"] for v in other["vocabulary"]]:
+            raise ValueError(f"the label vocabularies of {info['directory']} and {other['directory']} "
+                             "differ; write train and val shards in one `open-clip-ecg shards` run")
+    return info
+
+
+def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
+    """open_clip_train dataset factory for ECG shards (replaces images with ECG crops)."""
+    ecg = args.ecg
+    info = _shard_info_for(args, is_train)
+    seconds = ecg.ecg_seconds if is_train else ecg.ecg_eval_seconds
+    n_samples = info["n_samples"] if seconds is None else int(round(seconds * info["sampling_rate"]))
+    if n_samples > info["n_samples"]:
+        raise ValueError(f"--ecg-{'' if is_train else 'eval-'}seconds {seconds} is longer than the "
+                         f"{info['n_samples'] / info['sampling_rate']:g} s stored in {info['directory']}")
+    preparer = ECGSamplePreparer(
+        n_samples, len(info["vocabulary"]), train=is_train, leads=LEAD_SETS[ecg.ecg_leads],
+        normalize=ecg.ecg_normalize,
+        amplitude_scale=ecg.ecg_amplitude_scale if is_train else None,
+        lead_dropout=ecg.ecg_lead_dropout if is_train else 0.0)
+    if is_train:
+        return make_train_loader(
+            args.train_data, tokenizer=tokenizer, preparer=preparer, batch_size=args.batch_size,
+            workers=args.workers, world_size=args.world_size, seed=args.seed, epoch=epoch,
+            resampled=args.dataset_resampled, num_samples=args.train_num_samples)
+    return make_val_loader(args.val_data, tokenizer=tokenizer, preparer=preparer,
+                           batch_size=args.batch_size, workers=args.workers)
+
+
+def _ecg_dataset_fn(data_path, dataset_type):
+    return get_ecg_dataset
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-shot validation
+# --------------------------------------------------------------------------------------------
+
+def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, float]:
+    """Multi-label zero-shot metrics on the val shards: macro AUROC and micro-F1 at 0.5."""
+    from open_clip_train.precision import get_autocast
+
+    from .metrics import DEFAULT_THRESHOLD, headline_metrics, label_status
+
+    if "val" not in data or args.zeroshot_frequency == 0:
+        return {}
+    if (epoch % args.zeroshot_frequency) != 0 and epoch != args.epochs:
+        return {}
+    if args.distributed and not args.horovod:
+        model = model.module
+    vocabulary = args.ecg_shard_info["val"]["vocabulary"]
+    device = torch.device(args.device)
+    autocast = get_autocast(args.precision, device_type=device.type)
+    embeddings, targets = [], []
+    with torch.inference_mode(), autocast():
+        classifier = build_zeroshot_classifier(model, tokenizer, [v["name"] for v in vocabulary],
+                                               device=device)
+        for ecg, packed in data["val"].dataloader:
+            embeddings.append(model.encode_image(ecg.to(device), normalize=True).float())
+            targets.append(unpack_text_and_labels(packed)[1])
+        probs = predict_proba_from_embeddings(torch.cat(embeddings), classifier,
+                                              model.logit_scale.exp(), model.logit_bias)
+    y_true, y_score = torch.cat(targets).numpy(), probs.cpu().numpy()
+    summary = headline_metrics(y_true, y_score, np.full(y_true.shape[1], DEFAULT_THRESHOLD))
+    n_scored = sum(status == "ok" for status in label_status(y_true))
+    macro_auroc = summary["macro_auroc"] if summary["macro_auroc"] is not None else float("nan")
+    logging.info(f"Zero-shot (epoch {epoch}): macro AUROC {macro_auroc:.4f} over {n_scored} "
+                 f"labels with positives and negatives, micro-F1@0.5 {summary['micro_f1']:.4f}")
+    return {
+        "zeroshot-macro-auroc": macro_auroc,
+        "zeroshot-micro-f1": summary["micro_f1"],
+        "zeroshot-labels-scored": float(n_scored),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# torch as open_clip_train.main sees it: atomic saves, CPU-capable DDP
+# --------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path, *args, **kwargs) -> None:
+    """torch.save to `path.tmp`, then rename: a crash never leaves a truncated checkpoint."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp, *args, **kwargs)
+    os.replace(tmp, path)
+
+
+class CPUCapableDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP that drops ``device_ids`` for CPU modules (torch requires None there; upstream passes
+    ``[device]``), so torchrun with gloo on CPUs works."""
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids=device_ids, **kwargs)
+
+
+class _ModuleOverlay(types.ModuleType):
+    """A module that answers with `overrides` first and `base` for everything else."""
+
+    def __init__(self, base: types.ModuleType, **overrides):
+        super().__init__(base.__name__)
+        self._base = base
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+
+def _torch_for_main() -> types.ModuleType:
+    parallel = _ModuleOverlay(torch.nn.parallel, DistributedDataParallel=CPUCapableDistributedDataParallel)
+    return _ModuleOverlay(torch, save=atomic_torch_save, nn=_ModuleOverlay(torch.nn, parallel=parallel))
+
+
+# --------------------------------------------------------------------------------------------
+# The seams and the entry point
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
+    """Install the ECG seams into open_clip_train for one run; restore them afterwards."""
+    import open_clip_train.data as oc_data
+    import open_clip_train.main as oc_main
+    import open_clip_train.train as oc_train
+
+    upstream_parse_args = oc_main.parse_args
+    upstream_create_model = oc_main.create_model_and_transforms
+
+    def parse_args(raw_args):
+        args = upstream_parse_args(raw_args)
+        if ecg_options.ecg_text_model:
+            from .registry import register_ecg_text_model
+
+            args.model = register_ecg_text_model(
+                f"{args.model}+{os.path.basename(os.path.normpath(ecg_options.ecg_text_model))}",
+                ecg_options.ecg_text_model, base_model=args.model)
+        check_open_clip_args(args)
+        if "--precision" not in argv and not torch.cuda.is_available():
+            args.precision = "fp32"  # open_clip's default 'amp' is float16 autocast: slow on CPUs
+        args.siglip = True  # the logit bias exists only with --siglip
+        tower_leads = _tower_lead_set(args.model)
+        if ecg_options.ecg_leads not in (None, tower_leads):
+            raise ValueError(f"--ecg-leads {ecg_options.ecg_leads} but {args.model} takes {tower_leads} lead(s)")
+        ecg_options.ecg_leads = tower_leads
+        args.ecg = ecg_options
+        return args
+
+    def create_model_and_transforms(*args, **kwargs):
+        model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
+        return enable_label_passing(model), preprocess_train, preprocess_val
+
+    def create_loss(args):
+        # model_out keys (image/text features, logit scale/bias, labels) are its keywords
+        return MultiLabelSigLipLoss(targets=args.ecg.ecg_targets, rank=args.rank,
+                                    world_size=args.world_size, dist_impl=args.loss_dist_impl)
+
+    replacements = [
+        (oc_main, "parse_args", parse_args),
+        (oc_main, "create_model_and_transforms", create_model_and_transforms),
+        (oc_main, "create_loss", create_loss),
+        (oc_main, "torch", _torch_for_main()),
+        (oc_data, "get_dataset_fn", _ecg_dataset_fn),
+        (oc_train, "zero_shot_eval", ecg_zero_shot_eval),
+    ]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in replacements]
+    try:
+        for module, name, value in replacements:
+            setattr(module, name, value)
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run open_clip_train.main with the ECG seams; returns its exit status."""
+    import open_clip_train.main as oc_main
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--":  # torchrun ... -m open_clip_ecg.train -- --logs ...
+        argv = argv[1:]
+    if "-h" in argv or "--help" in argv:
+        ecg_argument_parser().print_help()
+        print("\nAll other flags are open_clip_train's (python -m open_clip_train.main --help).")
+        return 0
+    ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
+    with open_clip_seams(ecg_options, open_clip_argv):
+        status = oc_main.main(open_clip_argv)
+    return 0 if status in (None, 0) else 1
+
+
+def cli_main(argv: List[str]) -> int:
+    """`open-clip-ecg train ...` forwards its raw arguments here."""
+    try:
+        return main(argv)
+    except ValueError as e:
+        print(f"open-clip-ecg train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))

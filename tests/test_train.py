@@ -1,0 +1,165 @@
+"""open_clip's own training loop on ECG shards: one process, torchrun, accumulation, resume,
+label alignment, checkpoints, rejected flags, learning."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+import open_clip_ecg.train as ecg_train
+from open_clip_ecg.data import pipeline
+
+MODEL = "ECG-RN18-CLIPText"
+
+
+def train_args(shards, logs, name, *extra):
+    return ["--model", MODEL,
+            "--train-data", str(shards / "train-*.tar"), "--val-data", str(shards / "val-*.tar"),
+            "--batch-size", "8", "--epochs", "1", "--workers", "0", "--lr", "1e-3", "--warmup", "1",
+            "--logs", str(logs), "--name", name, "--seed", "0", "--report-to", "tensorboard",
+            "--zeroshot-frequency", "1", "--log-every-n-steps", "1", "--ecg-seconds", "2.5", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_shards, tmp_path_factory):
+    """One epoch in one process; returns the run's log folder."""
+    logs = tmp_path_factory.mktemp("logs")
+    assert ecg_train.main(train_args(synthetic_shards, logs, "one")) == 0
+    return logs / "one"
+
+
+def _results(run_dir):
+    with open(run_dir / "checkpoints" / "results.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(trained):
+    assert (trained / "checkpoints" / "epoch_1.pt").exists()
+    assert not list((trained / "checkpoints").glob("*.tmp"))
+    results = _results(trained)
+    assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0
+    assert results[-1]["zeroshot-labels-scored"] >= 1
+    assert "clip_val_loss" in results[-1]  # open_clip's own val loss still runs
+    assert list((trained / "tensorboard").glob("events.*"))
+    log = (trained / "out.log").read_text()
+    assert "Zero-shot (epoch 1)" in log and "precision: fp32" in log and "siglip: True" in log
+
+
+def test_checkpoint_loads_with_create_model_and_gives_the_trained_outputs(trained):
+    path = trained / "checkpoints" / "epoch_1.pt"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    reference = open_clip.create_model(MODEL, init_logit_bias=-10)
+    reference.load_state_dict(checkpoint["state_dict"])
+    loaded = open_clip.create_model(MODEL, pretrained=str(path))
+    fresh = open_clip.create_model(MODEL, init_logit_bias=-10)
+    reference.eval(), loaded.eval(), fresh.eval()
+    ecg = torch.randn(2, 12, 500, generator=torch.Generator().manual_seed(1))
+    text = open_clip.get_tokenizer(MODEL)(["sinus rhythm", "atrial fibrillation"])
+    with torch.no_grad():
+        for a, b in zip(loaded(ecg, text), reference(ecg, text)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.allclose(loaded.encode_image(ecg), fresh.encode_image(ecg))
+
+
+def test_resume_latest_continues_from_the_last_epoch(synthetic_shards, tmp_path):
+    args = train_args(synthetic_shards, tmp_path, "resumed", "--val-frequency", "0")
+    assert ecg_train.main(args) == 0
+    assert ecg_train.main(args[:args.index("--epochs") + 1] + ["2"] + args[args.index("--epochs") + 2:]
+                          + ["--resume", "latest"]) == 0
+    checkpoints = tmp_path / "resumed" / "checkpoints"
+    assert (checkpoints / "epoch_2.pt").exists()
+    log = (tmp_path / "resumed" / "out.log").read_text()
+    assert "resuming checkpoint" in log and "(epoch 1)" in log
+    assert torch.load(checkpoints / "epoch_2.pt", weights_only=True)["epoch"] == 2
+
+
+class _RecordingLoss(ecg_train.MultiLabelSigLipLoss):
+    """The real loss, remembering the labels and feature batch sizes it was called with."""
+    calls = []
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, labels=None,
+                output_dict=False):
+        self.calls.append((image_features.shape[0], text_features.shape[0], labels.clone()))
+        return super().forward(image_features, text_features, logit_scale, logit_bias, labels, output_dict)
+
+
+def test_accum_freq_2_gives_the_loss_labels_of_every_accumulated_pair(synthetic_shards, tmp_path, monkeypatch):
+    batches = []
+    original = pipeline._collate_pairs
+
+    def remember(samples):
+        ecg, packed = original(samples)
+        batches.append(pipeline.unpack_text_and_labels(packed)[1])
+        return ecg, packed
+
+    monkeypatch.setattr(pipeline, "_collate_pairs", remember)
+    monkeypatch.setattr(ecg_train, "MultiLabelSigLipLoss", _RecordingLoss)
+    _RecordingLoss.calls = []
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "accum", "--accum-freq", "2",
+                                     "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
+    assert _RecordingLoss.calls, "the loss was never called"
+    # each optimizer step calls the loss accum_freq times on the concatenated 2 x 8 pairs
+    train_batches = batches[:2 * (len(_RecordingLoss.calls) // 2)]
+    for k, (n_image, n_text, labels) in enumerate(_RecordingLoss.calls):
+        assert n_image == n_text == labels.shape[0] == 16
+        step = k // 2
+        expected = torch.cat(train_batches[2 * step:2 * step + 2])
+        torch.testing.assert_close(labels, expected)
+
+
+def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
+    """Negative control: a collate that shifts labels by one sample must stop training."""
+    original = pipeline._collate_pairs
+
+    def shift_labels(samples):
+        ecg, packed = original(samples)
+        n_labels = int(packed[0, 0])
+        packed[:, 2:2 + n_labels] = packed[:, 2:2 + n_labels].roll(1, dims=0)
+        return ecg, packed
+
+    monkeypatch.setattr(pipeline, "_collate_pairs", shift_labels)
+    with pytest.raises(ecg_train.LabelAlignmentError, match="do not belong to their text"):
+        ecg_train.main(train_args(synthetic_shards, tmp_path, "shifted", "--val-frequency", "0"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "bf16"], "amp_bf16"),
+    (["--imagenet-val", "/x"], "ECG zero-shot"),
+    (["--horovod"], "torchrun"),
+    (["--force-patch-dropout", "0.5"], "--ecg-lead-dropout"),
+    (["--dataset-type", "csv"], "open-clip-ecg shards"),
+    (["--model", "coca_ViT-B-32"], "CoCa"),
+    (["--ecg-leads", "6"], "takes 12 lead"),
+])
+def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_path, capsys, flags, message):
+    status = ecg_train.cli_main(train_args(synthetic_shards, tmp_path, "rejected") + flags)
+    assert status == 2
+    assert message in capsys.readouterr().err
+
+
+def test_loss_decreases_over_epochs(synthetic_shards, tmp_path):
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "learn", "--epochs", "4",
+                                     "--val-frequency", "0", "--lr", "2e-3")) == 0
+    log = (tmp_path / "learn" / "out.log").read_text()
+    losses = [float(x) for x in re.findall(r"Contrastive_loss: ([\d.]+)", log)]
+    assert len(losses) >= 8
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) / quarter < 0.7 * sum(losses[:quarter]) / quarter
+
+
+def test_torchrun_two_processes_with_gloo(synthetic_shards, tmp_path):
+    """`torchrun -m open_clip_ecg.train` on CPUs: DDP with gloo, the loss over 2 ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), "-m", "open_clip_ecg.train", "--",
+           *train_args(synthetic_shards, tmp_path, "ddp", "--val-frequency", "0")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "ddp" / "out.log").read_text()
+    assert "Running in distributed mode with multiple processes" in log and "total 2" in log
+    assert "world_size: 2" in log
+    assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt").exists()
