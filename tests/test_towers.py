@@ -156,6 +156,17 @@ def test_bad_input_raises_value_error_at_boundary(name):
         model.forward_intermediates(bad)
 
 
+def test_finiteness_check_can_be_switched_off():
+    model = timm.create_model("ecg_resnet1d18", check_finite=False).eval()
+    bad = _ecg(2, 12, 1000)
+    bad[0, 0, 0] = float("nan")
+    with torch.no_grad():
+        out = model(bad)
+    assert torch.isnan(out[0]).any() and torch.isfinite(out[1]).all()  # NaN reaches only its own sample
+    with pytest.raises(ValueError, match="got 11"):
+        model(_ecg(2, 11, 1000))  # the shape checks stay
+
+
 def test_reduced_lead_models_name_their_leads():
     six = timm.create_model("ecg_resnet1d18_6lead")
     with pytest.raises(ValueError, match=r"model expects 6 leads \(I, II, III, aVR, aVL, aVF\), got 12"):

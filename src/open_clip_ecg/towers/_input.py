@@ -3,16 +3,17 @@
 A wrong lead count or a NaN would otherwise surface as a conv shape error or as NaN losses several
 layers down; checking here turns both into a ValueError that names the expected input.
 """
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..leads import LEAD_SETS
 
 
-def default_lead_names(num_leads: int) -> Optional[Sequence[str]]:
+def default_lead_names(num_leads: int) -> Optional[List[str]]:
     """Lead names a model with `num_leads` inputs expects: the 12-lead, 6 limb-lead or lead-I set."""
-    return LEAD_SETS.get(str(num_leads))
+    names = LEAD_SETS.get(str(num_leads))
+    return list(names) if names is not None else None
 
 
 def check_ecg_input(
@@ -20,11 +21,13 @@ def check_ecg_input(
         num_leads: int,
         min_samples: int,
         lead_names: Optional[Sequence[str]] = None,
+        check_finite: bool = True,
 ) -> None:
     """Raise ValueError unless `x` is a finite floating [batch, leads, samples] tensor the tower can take.
 
-    The finiteness check costs one reduction (and a host sync on GPU) per forward; it is what
-    keeps a corrupt record from silently turning a whole training step into NaN.
+    The finiteness check costs one reduction and, on GPU, a host sync per forward; it keeps a
+    corrupt record from silently turning a whole training step into NaN. Towers built with
+    ``check_finite=False`` skip it (for pipelines that already validate their signals).
     """
     expected = f"a float tensor [batch, {num_leads} leads, >= {min_samples} samples]"
     if not isinstance(x, torch.Tensor):
@@ -42,6 +45,6 @@ def check_ecg_input(
         raise ValueError(
             f"ECG too short: model needs at least {min_samples} samples per lead, got {x.shape[2]} "
             f"(input shape {tuple(x.shape)})")
-    if not bool(torch.isfinite(x).all()):
+    if check_finite and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"ECG input contains {n_bad} non-finite (NaN/Inf) values (input shape {tuple(x.shape)})")

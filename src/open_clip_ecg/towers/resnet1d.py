@@ -150,6 +150,7 @@ class ResNet1d(nn.Module):
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, increasing linearly over blocks up to this value.
         lead_names: names used in error messages; defaults to the standard set for `in_chans`.
+        check_finite: reject NaN/Inf input with a ValueError (one reduction + GPU sync per forward).
         zero_init_last: zero the last BN of each block.
     """
 
@@ -167,6 +168,7 @@ class ResNet1d(nn.Module):
             drop_path_rate: float = 0.,
             norm_layer: Type[nn.Module] = nn.BatchNorm1d,
             lead_names: Optional[Sequence[str]] = None,
+            check_finite: bool = True,
             zero_init_last: bool = True,
     ):
         super().__init__()
@@ -174,6 +176,7 @@ class ResNet1d(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.lead_names = list(lead_names) if lead_names is not None else default_lead_names(in_chans)
+        self.check_finite = check_finite
         self.grad_checkpointing = False
         self.min_samples = 32  # total stride: stem conv 2 x max-pool 2 x three stride-2 stages
 
@@ -242,7 +245,7 @@ class ResNet1d(nn.Module):
         self.fc = self._make_classifier(num_classes)
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_ecg_input(x, self.in_chans, self.min_samples, self.lead_names)
+        check_ecg_input(x, self.in_chans, self.min_samples, self.lead_names, self.check_finite)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.act1(self.bn1(self.conv1(x)))

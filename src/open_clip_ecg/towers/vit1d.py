@@ -60,6 +60,7 @@ class VisionTransformer1d(nn.Module):
         drop_rate: dropout on tokens and before the classifier; drop_path_rate: stochastic depth,
             increasing linearly over blocks; attn_drop_rate: attention dropout.
         lead_names: names used in error messages; defaults to the standard set for `in_chans`.
+        check_finite: reject NaN/Inf input with a ValueError (one reduction + GPU sync per forward).
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class VisionTransformer1d(nn.Module):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             lead_names: Optional[Sequence[str]] = None,
+            check_finite: bool = True,
     ):
         super().__init__()
         if pos_embed not in ("sincos", "learn"):
@@ -91,6 +93,7 @@ class VisionTransformer1d(nn.Module):
         self.patch_size = patch_size
         self.min_samples = patch_size
         self.lead_names = list(lead_names) if lead_names is not None else default_lead_names(in_chans)
+        self.check_finite = check_finite
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1 if class_token else 0
         self.pos_embed_type = pos_embed
@@ -160,7 +163,7 @@ class VisionTransformer1d(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def check_input(self, x: torch.Tensor) -> None:
-        check_ecg_input(x, self.in_chans, self.min_samples, self.lead_names)
+        check_ecg_input(x, self.in_chans, self.min_samples, self.lead_names, self.check_finite)
 
     def _position_embedding(self, num_patches: int, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is None:
