@@ -22,14 +22,14 @@ SBRAD        sinus bradycardia                sinus 40-55 bpm
 STACH        sinus tachycardia                sinus 105-145 bpm
 AFIB         atrial fibrillation              irregular RR, no P waves, 4-8 Hz f-waves
 1AVB         first degree AV block            PR 240-340 ms (otherwise 130-190 ms)
-BBB          bundle branch block              QRS ~130-160 ms with an R' in V1/V2 and slurred S
+BBB          bundle branch block              QRS 1.6-1.9x wider, R' in V1/V2, slurred S in I/V6
 LVH          left ventricular hypertrophy     S(V1) + R(V5) 3.8-5.0 mV (Sokolow-Lyon)
 LVOLT        low QRS voltage                  limb-lead QRS peak-to-peak 0.30-0.45 mV
 STE          ST elevation                     ST segment +0.15-0.35 mV in one territory
 STD          ST depression                    ST segment -0.10-0.25 mV in one territory
 INVT         T wave inversion                 negative T waves in one territory
 LNGQT        long QT interval                 QTc 490-570 ms (otherwise 380-430 ms)
-PVC          premature ventricular complexes  1-3 early, wide, unifocal beats + pause
+PVC          premature ventricular complexes  1-3 early wide beats, discordant T, full pause
 ===========  ===============================  ================================================
 
 Exclusivity: one rhythm (sinus at normal rate, SBRAD, STACH or AFIB); no 1AVB in AFIB; LVH and
@@ -309,11 +309,13 @@ def synthesize_ecg(findings: List[str], rng: np.random.Generator, sampling_rate:
         params.update(st_territory=territory, st_shift_mv=float(shift))
 
     if len(pvc_times):
+        # unifocal: one random direction per record; a wide biphasic QRS (~140-160 ms) and a
+        # discordant T wave
         direction = rng.normal(0, 1, 8)
-        pvc_qrs = direction / np.abs(direction).max() * rng.uniform(1.2, 2.0)
+        pvc_qrs = direction / np.abs(direction).max() * rng.uniform(1.4, 2.4)
         ones = np.ones(len(pvc_times))
-        signal += pvc_qrs[:, None] * _pulses(pvc_times, rng.uniform(0.025, 0.035), ones, fs, n)
-        signal += -0.4 * pvc_qrs[:, None] * _pulses(pvc_times + 0.05, 0.03, ones, fs, n)
+        signal += pvc_qrs[:, None] * _pulses(pvc_times, rng.uniform(0.016, 0.022), ones, fs, n)
+        signal += -0.6 * pvc_qrs[:, None] * _pulses(pvc_times + 0.045, 0.02, ones, fs, n)
         signal += -0.35 * pvc_qrs[:, None] * _pulses(pvc_times + 0.32, 0.06, ones, fs, n)
 
     if noise:
