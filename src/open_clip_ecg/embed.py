@@ -52,44 +52,49 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
 
     `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
-    'state_dict', ...}``, a 'module.' prefix is stripped) or a bare state dict. open_clip loads it
-    with ``torch.load(weights_only=True)`` and ``strict=True``; a checkpoint of another architecture
-    is a ValueError naming both and the differing tensors. ``None`` gives fresh initial weights.
+    'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, read with
+    open_clip's ``load_state_dict`` (``torch.load(weights_only=True)``). Its tensors are compared
+    with the model's before loading: a checkpoint of another architecture is a ValueError naming
+    both and the differing tensors. (``create_model(name, pretrained=path)`` would get there too
+    for most mismatches, but e.g. a CLIP-text checkpoint on an HF-text model dies inside open_clip's
+    positional-embedding resizing with an AttributeError.) ``None`` gives fresh initial weights.
     """
     import open_clip
+    from open_clip.factory import load_state_dict
 
     from .registry import list_ecg_models
 
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
-    if pretrained is not None and not os.path.isfile(pretrained):
-        raise ValueError(f"checkpoint {pretrained!r} does not exist")
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
-    except (RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(_checkpoint_mismatch(name, pretrained, err)) from err
+    if pretrained is None:
+        model = open_clip.create_model(name, device=device)
+    else:
+        if not os.path.isfile(pretrained):
+            raise ValueError(f"checkpoint {pretrained!r} does not exist")
+        try:
+            state = load_state_dict(pretrained, weights_only=True)
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
+            raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {err}") from err
+        model = open_clip.create_model(name, pretrained_text=False)  # every weight comes from the checkpoint
+        _check_checkpoint_fits(name, pretrained, state, model.state_dict())
+        model.load_state_dict(state)
+        model.to(device)
     model.eval()
     return model, open_clip.get_tokenizer(name)
 
 
-def _checkpoint_mismatch(name: str, pretrained: str, err: Exception) -> str:
-    """Why `pretrained` does not load into model `name`: which tensors are missing, extra or resized."""
-    import open_clip
-
-    try:
-        state = open_clip.load_state_dict(pretrained, weights_only=True)
-    except Exception as load_err:  # unreadable, or pickled objects weights_only refuses
-        return f"cannot read checkpoint {pretrained!r} for model {name!r}: {load_err}"
-    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
+def _check_checkpoint_fits(name: str, pretrained: str, state: Dict, expected: Dict) -> None:
+    """ValueError listing the tensors that are missing, unexpected or differently shaped."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
                for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    parts = [f"{label}: {len(items)} (e.g. {', '.join(items[:3])})"
-             for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatch", resized)) if items]
-    detail = "; ".join(parts) or str(err).splitlines()[0]
-    return (f"checkpoint {pretrained!r} does not match model {name!r}: {detail}. "
-            "Pass the --model the checkpoint was trained with.")
+    problems = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatches", resized))
+                if items]
+    if problems:
+        raise ValueError(f"checkpoint {pretrained!r} does not match model {name!r}: {'; '.join(problems)}. "
+                         "Pass the --model the checkpoint was trained with.")
 
 
 def resolve_shards(spec, split: Optional[str] = None) -> List[str]:

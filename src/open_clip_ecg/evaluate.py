@@ -140,6 +140,10 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
     if getattr(model, "logit_bias", None) is None:
         raise ValueError("zero-shot probabilities need a SigLIP-trained model with a logit_bias")
     shards = resolve_shards(data, split)
+    val_shards = resolve_shards(val_data, val_split) if val_data is not None else None
+    if val_shards and set(map(os.path.abspath, val_shards)) & set(map(os.path.abspath, shards)):
+        raise ValueError(f"--val-data {val_data!r} and --data {data!r} include the same shard(s): thresholds "
+                         "must come from other records")
     task = resolve_task(task, shards)
     names, templates, sources = task_prompts(task.labels, prompts)
     templates = templates or list(DEFAULT_TEMPLATES)
@@ -155,11 +159,7 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
 
     evaluated, embedded = score(describe_shards(data, split), shards)
     validation = None
-    if val_data is not None:
-        val_shards = resolve_shards(val_data, val_split)
-        if set(map(os.path.abspath, val_shards)) & set(map(os.path.abspath, shards)):
-            raise ValueError(f"--val-data {val_data!r} and --data {data!r} include the same shard(s): thresholds "
-                             "must come from other records")
+    if val_shards is not None:
         validation, _ = score(describe_shards(val_data, val_split), val_shards)
         check_disjoint(evaluated, validation)
     thresholds, threshold_info = choose_thresholds(task.codes, validation)

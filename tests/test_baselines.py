@@ -1,0 +1,95 @@
+"""Baselines: label-fraction subsampling, the linear probe, the supervised BCE tower, and both CLIs."""
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from open_clip_ecg.baselines import load_supervised, predict_probabilities
+from open_clip_ecg.data.pipeline import expand_shards, make_eval_loader
+from open_clip_ecg.probe import LinearProbe, subsample
+
+
+def run_cli(*args):
+    return subprocess.run([shutil.which("open-clip-ecg") or "open-clip-ecg", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_subsample_keeps_rare_labels_and_is_seeded():
+    rng = np.random.default_rng(0)
+    y = rng.random((500, 6)) < np.array([0.5, 0.2, 0.05, 0.01, 0.004, 0.0])
+    for fraction in (0.01, 0.1):
+        index = subsample(y, fraction, seed=3)
+        assert np.array_equal(index, subsample(y, fraction, seed=3))
+        assert len(index) >= int(np.ceil(fraction * 500)) and len(np.unique(index)) == len(index)
+        for j in range(5):  # every label that has positives keeps one, and one negative
+            assert y[index, j].any() and (~y[index, j]).any()
+    assert len(subsample(y, 0.1, seed=3)) == 50  # the guarantee fits inside 10%: exact size
+    assert not np.array_equal(subsample(y, 0.1, seed=3), subsample(y, 0.1, seed=4))
+    assert np.array_equal(subsample(y, 1.0), np.arange(500))
+    with pytest.raises(ValueError, match="fractions"):
+        subsample(y, 0.0)
+
+
+def test_linear_probe_fits_informative_labels_and_keeps_constants():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8))
+    y = np.stack([x[:, 0] > 0, x[:, 1] + 0.3 * rng.normal(size=200) > 0.5, np.zeros(200, bool)], axis=1)
+    probe = LinearProbe(C=1.0).fit(x, y)
+    p = probe.predict_proba(x)
+    assert p.shape == (200, 3) and probe.constant_labels == [2]
+    assert np.all(p[:, 2] == 0.0)
+    assert ((p[:, 0] > 0.5) == y[:, 0]).mean() > 0.95
+
+
+def test_train_supervised_cli_checkpoint_and_report(synthetic_shards, tmp_path):
+    out = tmp_path / "supervised"
+    result = run_cli("train-supervised", "--task", "labels", "--train-data", synthetic_shards, "--train-split", "train",
+                     "--data", synthetic_shards, "--split", "test", "--val-data", synthetic_shards, "--val-split", "val",
+                     "--out", out, "--epochs", "1", "--seconds", "2.5", "--batch-size", "32", "--bootstrap", "20")
+    assert result.returncode == 0, result.stderr
+    assert "epoch 1/1: train BCE" in result.stdout and "supervised labels: macro_auroc" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "supervised" and metrics["thresholds"]["source"] == "validation max-F1"
+    assert metrics["training"]["selected_on"].startswith("validation macro AUROC")
+    model, checkpoint = load_supervised(str(out / "supervised.pt"))  # weights_only=True inside
+    assert checkpoint["codes"] == metrics["task"]["codes"] and checkpoint["arch"] == "ecg_resnet1d18"
+    assert model.fc.out_features == len(checkpoint["codes"])
+    batch = next(iter(make_eval_loader(expand_shards(str(synthetic_shards), split="test"), n_samples=250,
+                                       batch_size=1000)))  # the whole test split
+    probabilities = predict_probabilities(model, batch["ecg"]).numpy()
+    per_label = {row["code"]: row for row in metrics["per_label"]}  # the report's AUROC is the saved model's
+    codes = checkpoint["codes"]
+    y = np.array([[code in record for code in codes] for record in batch["label_codes"]])
+    for j, code in enumerate(codes):
+        if per_label[code]["auroc"] is not None:
+            assert per_label[code]["auroc"] == pytest.approx(roc_auc_score(y[:, j], probabilities[:, j]), abs=1e-6)
+    for name in ("per_label.csv", "per_label.png", "roc_curves.png", "report.md"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_probe_cli_reports_each_label_fraction(synthetic_shards, tmp_path):
+    torch.manual_seed(0)
+    model = open_clip.create_model("ECG-RN18-CLIPText")
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "probe-test", "state_dict": model.state_dict()}, checkpoint)
+    out = tmp_path / "probe"
+    result = run_cli("probe", "--model", "ECG-RN18-CLIPText", "--pretrained", checkpoint, "--task", "labels",
+                     "--train-data", synthetic_shards, "--train-split", "train", "--data", synthetic_shards,
+                     "--split", "test", "--val-data", synthetic_shards, "--val-split", "val", "--out", out,
+                     "--fractions", "0.1", "1.0", "--seconds", "2.5", "--bootstrap", "20")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "probe.json").read_text())
+    assert list(summary) == ["0.1", "1"]
+    assert summary["0.1"]["train_records"] < summary["1"]["train_records"] == summary["1"]["train_records_available"]
+    assert summary["1"]["C"] in (0.01, 0.1, 1.0, 10.0) and summary["1"]["C_selection"].startswith("validation")
+    for entry in summary.values():
+        metrics = json.loads((Path(entry["folder"]) / "metrics.json").read_text())
+        assert metrics["method"] == "linear probe" and metrics["probe"]["label_fraction"] == entry["label_fraction"]
+        assert metrics["thresholds"]["source"] == "validation max-F1"
+    assert "| 0.1 |" in (out / "probe.md").read_text()
