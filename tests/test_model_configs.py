@@ -31,11 +31,10 @@ def _ecg(batch, leads, samples, seed=0):
     return torch.randn(batch, leads, samples, generator=torch.Generator().manual_seed(seed))
 
 
-def _encode(model, name):
+def _encode(model, name, samples):
     tokens = open_clip.get_tokenizer(name)(["sinus rhythm", "atrial fibrillation with left bundle branch block"])
     with torch.no_grad():
-        return (model.encode_image(_ecg(2, _leads(name), 5000)), model.encode_image(_ecg(2, _leads(name), 1000)),
-                model.encode_text(tokens))
+        return model.encode_image(_ecg(2, _leads(name), samples)), model.encode_text(tokens)
 
 
 def test_shipped_configs_are_registered_and_complete():
@@ -77,14 +76,15 @@ def test_config_creates_offline_forwards_and_round_trips_checkpoint(name, tmp_pa
         model.encode_image(_ecg(4, _leads(name), 1000, seed=1) * 2 + 0.5)
         model.logit_bias.fill_(-7.5)
     model.eval()
-    img5000, img1000, txt = _encode(model, name)
+    img5000, txt = _encode(model, name, 5000)
+    img1000, _ = _encode(model, name, 1000)
     assert img5000.shape == img1000.shape == txt.shape == (2, 256)
-    assert torch.isfinite(img5000).all() and torch.isfinite(txt).all()
+    assert torch.isfinite(img5000).all() and torch.isfinite(img1000).all() and torch.isfinite(txt).all()
 
     path = tmp_path / "epoch_1.pt"  # as open_clip_train saves it
     torch.save({"epoch": 1, "name": name, "state_dict": model.state_dict()}, path)
     loaded = open_clip.create_model(name, pretrained=str(path)).eval()
-    for a, b in zip(_encode(model, name), _encode(loaded, name)):
+    for a, b in zip((img1000, txt), _encode(loaded, name, 1000)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert loaded.logit_bias.item() == -7.5
 
@@ -154,6 +154,24 @@ def test_register_ecg_text_model_end_to_end(tmp_path):
     assert open_clip.get_model_config(name)["text_cfg"]["context_length"] == 32
     register_ecg_text_model(name, folder, ecg_tower="ecg_resnet1d18_6lead", context_length=32)
     assert open_clip.factory._MODEL_CONFIG_PATHS == paths
+
+
+def test_register_ecg_text_model_from_base_model():
+    folder = resolve_package_folder(MINILM)
+    name = register_ecg_text_model("ECG-ViT1D-CLIPText+minilm", folder, base_model="ECG-ViT1D-CLIPText")
+    cfg = open_clip.get_model_config(name)
+    assert cfg["vision_cfg"] == open_clip.get_model_config("ECG-ViT1D-CLIPText")["vision_cfg"]
+    assert cfg["embed_dim"] == 256 and cfg["init_logit_bias"] == -10
+    model = open_clip.create_model(name).eval()
+    with torch.no_grad():
+        assert model.encode_image(_ecg(2, 12, 1000)).shape == (2, 256)
+    # explicit arguments override what the base model gives
+    register_ecg_text_model("ECG-RN18-1Lead+minilm", folder, base_model="ECG-RN18-CLIPText",
+                            ecg_tower="ecg_resnet1d18_1lead", embed_dim=128)
+    cfg = open_clip.get_model_config("ECG-RN18-1Lead+minilm")
+    assert cfg["vision_cfg"]["timm_model_name"] == "ecg_resnet1d18_1lead" and cfg["embed_dim"] == 128
+    with pytest.raises(ValueError, match="unknown base_model 'ViT-B-32'"):
+        register_ecg_text_model("ECG-Bad", folder, base_model="ViT-B-32")
 
 
 def test_register_ecg_text_model_relative_path_is_stored_absolute(tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ PACKAGE_PLACEHOLDER = "python-package:"
 _HF_PATH_KEYS = ("hf_model_name", "hf_tokenizer_name")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _resolved_dir: Optional[Path] = None
 
 
@@ -165,28 +165,37 @@ def list_ecg_models() -> List[str]:
 def register_ecg_text_model(
         name: str,
         hf_model_path: Union[str, Path],
-        ecg_tower: str = "ecg_resnet1d18",
-        embed_dim: int = 256,
+        ecg_tower: Optional[str] = None,
+        base_model: Optional[str] = None,
+        embed_dim: Optional[int] = None,
         context_length: int = 128,
         pooler_type: str = "mean_pooler",
         proj_type: str = "mlp",
-        timm_pool: str = "avg",
-        timm_proj: str = "linear",
-        init_logit_scale: float = 2.302585092994046,
-        init_logit_bias: float = -10.,
+        timm_pool: Optional[str] = None,
+        timm_proj: Optional[str] = None,
+        init_logit_scale: Optional[float] = None,
+        init_logit_bias: Optional[float] = None,
 ) -> str:
     """Pair an ECG tower with a local Hugging Face text model folder; returns the model name.
 
     Afterwards ``open_clip.create_model(name)`` / ``open_clip.get_tokenizer(name)`` work offline,
     e.g. for a medical BERT downloaded with ``huggingface-cli download ... --local-dir DIR``.
-    `hf_model_path` must be a folder with ``config.json`` and tokenizer files; it is stored as an
-    absolute path. `pooler_type` is one of open_clip's HF poolers ('mean_pooler', 'cls_pooler',
-    'cls_last_hidden_state_pooler', 'max_pooler'); `proj_type` 'mlp', 'linear' or 'none'.
-    `timm_pool` must suit the tower ('avg' for ResNets, 'token' or 'avg' for ViTs). Registering the
-    same name again replaces its config; a name that is a non-ECG open_clip model is refused.
+
+    * `hf_model_path`: a folder with ``config.json`` and tokenizer files; stored as an absolute path.
+    * The ECG side comes from `base_model` (a registered ECG model: its ``vision_cfg``, ``embed_dim``
+      and logit init are copied) or else from the defaults below; any argument given explicitly
+      overrides it: `ecg_tower` (timm name, default 'ecg_resnet1d18'), `embed_dim` (256),
+      `timm_pool` ('avg'; a ViT tower also takes 'token'), `timm_proj` ('linear'),
+      `init_logit_scale` (log 10) and `init_logit_bias` (-10).
+    * Text side: `pooler_type`, one of open_clip's HF poolers ('mean_pooler', 'cls_pooler',
+      'cls_last_hidden_state_pooler', 'max_pooler'); `proj_type` 'mlp', 'linear' or 'none';
+      `context_length` in tokens.
+
+    Registering the same name again replaces its config; a name that is a non-ECG open_clip model
+    is refused. Bad arguments raise ValueError naming the problem.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"model name must be letters, digits, '.', '_' or '-' (no '/'), got {name!r}")
+        raise ValueError(f"model name must be letters, digits, '.', '_', '+' or '-' (no '/'), got {name!r}")
     if name in open_clip.list_models() and name not in list_ecg_models():
         raise ValueError(f"{name!r} is already an open_clip model config; choose another name")
     folder = Path(hf_model_path).expanduser().resolve()
@@ -196,20 +205,28 @@ def register_ecg_text_model(
         raise ValueError(f"{str(folder)!r} is not a Hugging Face model folder: config.json missing")
     if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
         raise ValueError(f"{str(folder)!r} has no tokenizer files (expected one of {list(_TOKENIZER_FILES)})")
-    if not timm.is_model(ecg_tower):
-        raise ValueError(f"unknown ECG tower {ecg_tower!r}; expected one of {timm.list_models('ecg_*')}")
+
+    if base_model is not None:
+        if base_model not in list_ecg_models():
+            raise ValueError(f"unknown base_model {base_model!r}; expected one of {list_ecg_models()}")
+        base = open_clip.get_model_config(base_model)
+    else:
+        base = {"embed_dim": 256, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.,
+                "vision_cfg": {"timm_model_name": "ecg_resnet1d18", "timm_model_pretrained": False,
+                               "timm_pool": "avg", "timm_proj": "linear", "timm_proj_bias": False}}
+    vision_cfg = dict(base["vision_cfg"])
+    for key, value in (("timm_model_name", ecg_tower), ("timm_pool", timm_pool), ("timm_proj", timm_proj)):
+        if value is not None:
+            vision_cfg[key] = value
+    if not timm.is_model(vision_cfg["timm_model_name"]):
+        raise ValueError(f"unknown ECG tower {vision_cfg['timm_model_name']!r}; "
+                         f"expected one of {timm.list_models('ecg_*')}")
     model_cfg = {
-        "embed_dim": embed_dim,
-        "init_logit_scale": init_logit_scale,
-        "init_logit_bias": init_logit_bias,
+        "embed_dim": embed_dim if embed_dim is not None else base["embed_dim"],
+        "init_logit_scale": init_logit_scale if init_logit_scale is not None else base["init_logit_scale"],
+        "init_logit_bias": init_logit_bias if init_logit_bias is not None else base["init_logit_bias"],
         "custom_text": True,
-        "vision_cfg": {
-            "timm_model_name": ecg_tower,
-            "timm_model_pretrained": False,
-            "timm_pool": timm_pool,
-            "timm_proj": timm_proj,
-            "timm_proj_bias": False,
-        },
+        "vision_cfg": vision_cfg,
         "text_cfg": {
             "hf_model_name": str(folder),
             "hf_tokenizer_name": str(folder),

@@ -13,9 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import group_modules, group_parameters
 
-from . import resnet1d, vit1d  # noqa: F401  (importing registers the timm entrypoints)
 from ._input import check_ecg_input
-from .resnet1d import ResNet1d
+from .resnet1d import ResNet1d  # importing the tower modules registers their timm entrypoints
 from .vit1d import VisionTransformer1d
 
 __all__ = [
