@@ -56,7 +56,7 @@ import sys
 import tarfile
 import threading
 from collections import Counter
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -326,19 +326,18 @@ class _BoundedFeed:
         self.slots.release()
 
 
-def _encoded(encoder: SampleEncoder, items: List, workers: int) -> Iterator:
-    """Encoder results in item order, from a worker pool when ``workers > 1``."""
-    if workers == 1:
+def _encoded(encoder: SampleEncoder, items: List, pool, workers: int) -> Iterator:
+    """Encoder results in item order, from the worker pool when there is one."""
+    if pool is None:
         yield from map(encoder, items)
         return
     feed = _BoundedFeed(items, 4 * workers * _CHUNK)
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
-        try:
-            for result in pool.imap(_encode_in_worker, feed, chunksize=_CHUNK):
-                feed.consumed()
-                yield result
-        finally:
-            feed.stopped.set()
+    try:
+        for result in pool.imap(_encode_in_worker, feed, chunksize=_CHUNK):
+            feed.consumed()
+            yield result
+    finally:
+        feed.stopped.set()
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,18 +438,20 @@ def write_shards(reader, output_dir, options: Optional[ShardOptions] = None, sou
     encoder = SampleEncoder(reader, options, label_names, ids, root)
     trailing_skips: Dict[str, List[dict]] = {}
 
-    bar = tqdm(total=len(entries), desc="shards", unit="rec", disable=not options.progress, file=sys.stderr)
-    bar.skipped = 0
-    try:
+    with ExitStack() as stack:
+        pool = None
+        if options.workers > 1:  # one pool for all splits; terminated on exit
+            pool = stack.enter_context(multiprocessing.Pool(options.workers, _init_worker, (encoder,)))
+        bar = stack.enter_context(tqdm(total=len(entries), desc="shards", unit="rec", disable=not options.progress,
+                                       file=sys.stderr))
+        bar.skipped = 0
         for split in SPLITS:
             items = [(e, s) for e, s in zip(entries, splits) if s == split]
             written = progress["shards"][split]
             start = written[-1]["end"] if written else 0
             bar.update(start)
-            trailing_skips[split] = _write_split(output_dir, split, items, start, len(written), encoder, options,
-                                                 progress, bar)
-    finally:
-        bar.close()
+            trailing_skips[split] = _write_split(output_dir, split, items, start, len(written), encoder, pool,
+                                                 options, progress, bar)
 
     shards = [shard for split in SPLITS for shard in progress["shards"][split]]
     produced = {shard["name"] for shard in shards}
@@ -489,14 +490,14 @@ def write_shards(reader, output_dir, options: Optional[ShardOptions] = None, sou
 
 
 def _write_split(output_dir: Path, split: str, items: List, start: int, shard_index: int,
-                 encoder: SampleEncoder, options: ShardOptions, progress: dict, bar) -> List[dict]:
+                 encoder: SampleEncoder, pool, options: ShardOptions, progress: dict, bar) -> List[dict]:
     """Write ``items[start:]`` of one split; completed shards go into ``progress`` (saved after each).
     Returns the skipped records after the last completed shard."""
     shard: Optional[_ShardFile] = None
     skips: List[dict] = []
     codes: Counter = Counter()
     try:
-        with closing(_encoded(encoder, items[start:], options.workers)) as results:
+        with closing(_encoded(encoder, items[start:], pool, options.workers)) as results:
             for index, result in enumerate(results, start=start):
                 bar.update(1)
                 if result[0] == "skip":
