@@ -52,39 +52,43 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
 
     `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
-    'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, read with
-    open_clip's ``load_state_dict`` (``torch.load(weights_only=True)``). Its tensors are compared
-    with the model's before loading: a checkpoint of another architecture is a ValueError naming
-    both and the differing tensors. (``create_model(name, pretrained=path)`` would get there too
-    for most mismatches, but e.g. a CLIP-text checkpoint on an HF-text model dies inside open_clip's
-    positional-embedding resizing with an AttributeError.) ``None`` gives fresh initial weights.
+    'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, loaded by
+    ``open_clip.create_model(name, pretrained=path)``, which reads it with
+    ``torch.load(weights_only=True)`` and loads it strictly. open_clip fails in several ways on a
+    checkpoint of another architecture (a RuntimeError listing hundreds of keys, or an
+    AttributeError while resizing positional embeddings); any failure is diagnosed here and, if the
+    tensors do not fit the model, becomes a ValueError naming both and the differing tensors.
+    ``None`` gives fresh initial weights.
     """
     import open_clip
-    from open_clip.factory import load_state_dict
 
     from .registry import list_ecg_models
 
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
-    if pretrained is None:
-        model = open_clip.create_model(name, device=device)
-    else:
-        if not os.path.isfile(pretrained):
-            raise ValueError(f"checkpoint {pretrained!r} does not exist")
-        try:
-            state = load_state_dict(pretrained, weights_only=True)
-        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
-            raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {err}") from err
-        model = open_clip.create_model(name, pretrained_text=False)  # every weight comes from the checkpoint
-        _check_checkpoint_fits(name, pretrained, state, model.state_dict())
-        model.load_state_dict(state)
-        model.to(device)
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise ValueError(f"checkpoint {pretrained!r} does not exist")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except Exception as err:
+        if pretrained is None:
+            raise
+        _raise_if_checkpoint_does_not_fit(name, pretrained, err)
+        raise
     model.eval()
     return model, open_clip.get_tokenizer(name)
 
 
-def _check_checkpoint_fits(name: str, pretrained: str, state: Dict, expected: Dict) -> None:
-    """ValueError listing the tensors that are missing, unexpected or differently shaped."""
+def _raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
+    """ValueError when `pretrained` is unreadable or its tensors are missing, extra or resized for `name`."""
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    try:
+        state = load_state_dict(pretrained, weights_only=True)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as load_err:
+        raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {load_err}") from err
+    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
@@ -94,7 +98,7 @@ def _check_checkpoint_fits(name: str, pretrained: str, state: Dict, expected: Di
                 if items]
     if problems:
         raise ValueError(f"checkpoint {pretrained!r} does not match model {name!r}: {'; '.join(problems)}. "
-                         "Pass the --model the checkpoint was trained with.")
+                         "Pass the --model the checkpoint was trained with.") from err
 
 
 def resolve_shards(spec, split: Optional[str] = None) -> List[str]:
