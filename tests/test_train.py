@@ -163,3 +163,22 @@ def test_torchrun_two_processes_with_gloo(synthetic_shards, tmp_path):
     assert "Running in distributed mode with multiple processes" in log and "total 2" in log
     assert "world_size: 2" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_lock_image_with_frozen_batch_norm_keeps_the_tower_and_its_statistics(synthetic_shards, tmp_path):
+    import random
+
+    import numpy as np
+
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "locked", "--lock-image",
+                                     "--lock-image-freeze-bn-stats", "--val-frequency", "0")) == 0
+    # open_clip_train seeds with random_seed(seed, 0) right before creating the model
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    initial = open_clip.create_model(MODEL, init_logit_bias=-10, init_logit_scale=np.log(10)).state_dict()
+    trained = torch.load(tmp_path / "locked" / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict"]
+    trunk = [k for k in initial if k.startswith("visual.trunk.")]
+    assert any("running_mean" in k for k in trunk)
+    for key in trunk:
+        if "num_batches_tracked" not in key:
+            torch.testing.assert_close(trained[key], initial[key], rtol=0, atol=0, msg=key)
+    assert not torch.equal(trained["visual.head.proj.weight"], initial["visual.head.proj.weight"])

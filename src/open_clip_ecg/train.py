@@ -12,7 +12,9 @@ seam                                        why
                                             that cannot work with ECGs, fp32 default on CPU
 ``open_clip_train.main.create_model_and_…`` give the model a forward that unpacks the labels
                                             carried with the text and returns them as
-                                            ``labels`` (accumulation caches them like features)
+                                            ``labels`` (accumulation caches them like features),
+                                            and a lock_image_tower that also freezes
+                                            BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
 ``open_clip_train.main.torch``              atomic ``torch.save``; DDP that accepts CPU modules
                                             (upstream passes ``device_ids=[cpu]``, which torch
@@ -53,6 +55,7 @@ from .data.pipeline import (
 )
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss
+from .towers import lock_image_tower
 from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
 
 # Flags of open_clip_train that cannot work with ECG towers, and what to do instead.
@@ -181,6 +184,11 @@ def enable_label_passing(model: torch.nn.Module) -> torch.nn.Module:
     """Make `model` accept packed (labels + tokens) text rows; weights and state_dict unchanged."""
     model.forward = types.MethodType(_labelled_forward, model)
     return model
+
+
+def _lock_image_tower_1d(self, unlocked_groups=0, freeze_bn_stats=False):
+    """open_clip's lock_image_tower with BatchNorm1d statistics frozen too when asked."""
+    lock_image_tower(self, unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +352,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
 
     def create_model_and_transforms(*args, **kwargs):
         model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
+        model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
         return enable_label_passing(model), preprocess_train, preprocess_val
 
     def create_loss(args):
@@ -381,6 +390,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nAll other flags are open_clip_train's (python -m open_clip_train.main --help).")
         return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
+    # open_clip_train sets the root logger to INFO; torch's compiler then reports at exit
+    for noisy in ("torch._dynamo", "torch._subclasses.fake_tensor"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     with open_clip_seams(ecg_options, open_clip_argv):
         status = oc_main.main(open_clip_argv)
     return 0 if status in (None, 0) else 1

@@ -108,7 +108,9 @@ def lock_image_tower(model: nn.Module, unlocked_groups: int = 0, freeze_bn_stats
     if trunk is None:
         raise ValueError(f"lock_image_tower expects an open_clip model with a timm image tower "
                          f"(model.visual.trunk), got {type(model).__name__}")
-    model.lock_image_tower(unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
+    # the class's (open_clip's) method, so a model whose instance routes lock_image_tower here
+    # (the training glue does) does not recurse
+    type(model).lock_image_tower(model, unlocked_groups=unlocked_groups, freeze_bn_stats=freeze_bn_stats)
     if freeze_bn_stats:
         module_match = _locked_module_names(trunk, unlocked_groups) if unlocked_groups else None
         freeze_batch_norm_1d(trunk, module_match)

@@ -1,0 +1,1 @@
+"""ECG model configs (JSON, open_clip schema), installed as package data of open_clip_ecg."""
