@@ -29,7 +29,9 @@ Splits never put one patient on two sides:
 Determinism: records are written in the reader's order, split by split; tar members have fixed
 mtime/uid/gid/names/mode; JSON is written with sorted keys. Loading and preprocessing run in a
 ``multiprocessing`` pool (``imap``, ordered) and only the main process writes, so the bytes do not
-depend on ``--workers``. At most ``4 * workers * chunk`` results are in flight (bounded memory).
+depend on ``--workers``. Memory: signals are streamed, at most ``4 * workers * 4`` encoded records
+are in flight; what grows with the collection is the list of record entries (ids, reports, labels,
+metadata: about 1 KB per record), read once so that splits and the vocabulary are known up front.
 
 Atomicity and resuming: each shard is written to ``NAME.tar.tmp`` then renamed. After every
 completed shard, ``progress.json`` records the shard's sha256, sample count, skipped records and
@@ -554,8 +556,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--split-by", choices=SPLIT_METHODS, default=None,
                         help="default: fold if every record has one (PTB-XL), column if the CSV has a split "
                              "column, else patient")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
-    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="patient/random splits (default 0.1)")
+    parser.add_argument("--test-fraction", type=float, default=0.1, help="patient/random splits (default 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient/random split")
     parser.add_argument("--val-folds", type=int, nargs="+", default=[9], help="folds for val (--split-by fold)")
     parser.add_argument("--test-folds", type=int, nargs="+", default=[10], help="folds for test (--split-by fold)")
