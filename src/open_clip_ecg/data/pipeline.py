@@ -34,6 +34,7 @@ from open_clip_train.data import (  # reused as-is: epoch sync and deterministic
 
 from ..leads import STANDARD_LEADS, lead_indices
 from .transforms import build_ecg_transform
+from .vocabulary import labels_to_multi_hot, load_vocabulary
 
 SHARD_SHUFFLE_SIZE = 2000
 SHARD_SHUFFLE_INITIAL = 500
@@ -84,16 +85,10 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     is a ValueError naming it.
     """
     directory = os.path.dirname(os.path.abspath(shards[0]))
-    vocab_path = os.path.join(directory, "vocabulary.json")
+    vocabulary = load_vocabulary(directory)
     manifest_path = os.path.join(directory, "manifest.json")
-    for path in (vocab_path, manifest_path):
-        if not os.path.exists(path):
-            raise ValueError(f"{path} is missing: shards must come from `open-clip-ecg shards`")
-    with open(vocab_path, encoding="utf-8") as f:
-        vocabulary = json.load(f)
-    ids = [v["id"] for v in vocabulary]
-    if ids != list(range(len(ids))):
-        raise ValueError(f"{vocab_path}: label ids must be 0..{len(ids) - 1} in order")
+    if not os.path.exists(manifest_path):
+        raise ValueError(f"{manifest_path} is missing: shards must come from `open-clip-ecg shards`")
     with open(manifest_path, encoding="utf-8") as f:
         manifest = json.load(f)
     options = manifest.get("options", {})
@@ -136,16 +131,6 @@ def decode_sample(sample: Dict) -> Dict:
 def _is_sample(sample: Dict) -> bool:
     """False for webdataset's end-of-shard markers, which carry no members."""
     return any(not k.startswith("__") for k in sample)
-
-
-def labels_to_multi_hot(label_ids: Sequence[int], n_labels: int, where: str = "") -> torch.Tensor:
-    """Label ids -> float multi-hot [n_labels]; an id outside the vocabulary is a ShardFormatError."""
-    bad = [i for i in label_ids if not 0 <= i < n_labels]
-    if bad:
-        raise ShardFormatError(f"{where}: label ids {bad} outside the vocabulary of {n_labels}")
-    multi_hot = torch.zeros(n_labels, dtype=torch.float32)
-    multi_hot[list(label_ids)] = 1.0
-    return multi_hot
 
 
 # Fixed pseudo-random weights of the label/text fingerprint (see `fingerprint`).
@@ -205,7 +190,10 @@ class ECGSamplePreparer:
         return torch.as_tensor(self.transform(signal), dtype=torch.float32)
 
     def multi_hot(self, sample: Dict) -> torch.Tensor:
-        return labels_to_multi_hot(sample["label_ids"], self.n_labels, where=sample["key"])
+        try:
+            return labels_to_multi_hot(sample["label_ids"], self.n_labels)
+        except ValueError as e:
+            raise ShardFormatError(f"sample {sample['key']}: {e}") from e
 
 
 class _TrainingSample:

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models import group_modules, group_parameters
 
-from ._input import check_ecg_input
+from ._common import check_ecg_input
 from .resnet1d import ResNet1d  # importing the tower modules registers their timm entrypoints
 from .vit1d import VisionTransformer1d
 

@@ -30,7 +30,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._input import check_ecg_input, default_lead_names
+from ._common import check_ecg_input, default_lead_names, ecg_pretrained_cfg
 
 __all__ = ["BasicBlock1d", "ResNet1d", "SelectAdaptivePool1d"]
 
@@ -314,17 +314,7 @@ def _create_resnet1d(variant: str, pretrained: bool = False, **kwargs) -> ResNet
 
 
 def _cfg(leads: int = 12, **kwargs) -> Dict:
-    # No weights are published: url stays empty and open_clip configs set timm_model_pretrained false.
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (leads, 1, 5000),  # (leads, 1, samples): 10 s at 500 Hz
-        "pool_size": None,
-        "first_conv": "conv1",
-        "classifier": "fc",
-        "license": "mit",
-        **kwargs,
-    }
+    return ecg_pretrained_cfg("conv1", "fc", leads=leads, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

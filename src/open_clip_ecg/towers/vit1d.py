@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, genera
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from ._input import check_ecg_input, default_lead_names
+from ._common import check_ecg_input, default_lead_names, ecg_pretrained_cfg
 
 __all__ = ["VisionTransformer1d", "sincos_pos_embed_1d"]
 
@@ -253,17 +253,7 @@ def _create_vit1d(variant: str, pretrained: bool = False, **kwargs) -> VisionTra
 
 
 def _cfg(leads: int = 12, **kwargs) -> Dict:
-    # No weights are published: url stays empty and open_clip configs set timm_model_pretrained false.
-    return {
-        "url": "",
-        "num_classes": 0,
-        "input_size": (leads, 1, 5000),  # (leads, 1, samples): 10 s at 500 Hz
-        "pool_size": None,
-        "first_conv": "patch_embed",
-        "classifier": "head",
-        "license": "mit",
-        **kwargs,
-    }
+    return ecg_pretrained_cfg("patch_embed", "head", leads=leads, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

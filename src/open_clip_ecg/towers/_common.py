@@ -1,9 +1,9 @@
-"""The one input check every ECG tower runs at its boundary.
+"""What every ECG tower shares: the input check at its boundary and its timm pretrained cfg.
 
 A wrong lead count or a NaN would otherwise surface as a conv shape error or as NaN losses several
 layers down; checking here turns both into a ValueError that names the expected input.
 """
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -48,3 +48,20 @@ def check_ecg_input(
     if check_finite and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
         raise ValueError(f"ECG input contains {n_bad} non-finite (NaN/Inf) values (input shape {tuple(x.shape)})")
+
+
+def ecg_pretrained_cfg(first_conv: str, classifier: str, leads: int = 12, **kwargs) -> Dict:
+    """timm pretrained cfg of an ECG tower. No weights are published: url stays empty and the
+    open_clip configs set timm_model_pretrained false. ``input_size`` is (leads, 1, samples), 10 s
+    at 500 Hz; its first entry is the lead count timm passes as ``in_chans``; pool_size None marks
+    the features as 1-D for open_clip's TimmModel."""
+    return {
+        "url": "",
+        "num_classes": 0,
+        "input_size": (leads, 1, 5000),
+        "pool_size": None,
+        "first_conv": first_conv,
+        "classifier": classifier,
+        "license": "mit",
+        **kwargs,
+    }
