@@ -29,7 +29,6 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from . import towers  # noqa: F401  (registers the ecg_resnet1d* entrypoints with timm)
 from .data.pipeline import ECGSamplePreparer, make_train_loader, unpack_text_and_labels
 from .embed import crop_length, map_shards, model_leads, resolve_shards, write_atomic
 from .evaluate import (

@@ -1,5 +1,5 @@
 """ECG embeddings of shards: the step zero-shot evaluation, the linear probe and `open-clip-ecg embed`
-share (shards -> model-ready ECGs -> L2-normalised ECG-tower embeddings, in shard order).
+share (shards -> model-ready ECGs -> L2-normalised ECG-tower embeddings, each row with its record).
 
 ECGs are prepared as for validation during training: the selected leads, a centre crop of
 ``seconds`` (default: the whole stored record) and the same normalisation
@@ -9,8 +9,8 @@ CLI::
 
     open-clip-ecg embed --model ECG-RN18-MiniLM --pretrained epoch_10.pt --data shards/ --split test --out emb/
 
-writes ``emb/embeddings.npy`` (float32 ``[N, embed_dim]``, rows in shard order), ``emb/index.csv``
-(row, key, label codes) and ``emb/embed.json`` (model, checkpoint, data, crop, shape).
+writes ``emb/embeddings.npy`` (float32 ``[N, embed_dim]``), ``emb/index.csv`` (row, key, label codes
+of each row; rows in shard order with the default ``--workers 0``) and ``emb/embed.json`` (model, checkpoint, data, crop, shape).
 """
 from __future__ import annotations
 
@@ -131,7 +131,9 @@ def crop_length(shards: Sequence[str], seconds: Optional[float] = None):
 
 def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str], n_samples: int,
                leads: Sequence[str], batch_size: int = 64, workers: int = 0, desc: str = "ECGs"):
-    """``fn(ecg batch)`` over every record of `shards` in order: (outputs [N, ...] numpy, records)."""
+    """``fn(ecg batch)`` over every record of `shards`: (outputs [N, ...] numpy, records in the same order).
+
+    The order is the shards' with ``workers=0``; more workers interleave shards (records stay aligned)."""
     chunks, records = [], ShardRecords([], [], [])
     loader = make_eval_loader(shards, n_samples=n_samples, batch_size=batch_size, workers=workers, leads=leads)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):  # bar on terminals only

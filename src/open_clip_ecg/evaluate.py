@@ -82,8 +82,10 @@ def describe_shards(spec, split: Optional[str] = None) -> str:
     return f"{spec} (split {split})" if split else str(spec)
 
 
-def check_disjoint(evaluated: LabelledScores, validation: LabelledScores) -> None:
-    """Refuse validation data that share records with the evaluated data (thresholds would leak)."""
+def check_disjoint(evaluated, validation) -> None:
+    """Refuse validation data that share records with the evaluated data (thresholds would leak).
+
+    Both arguments have ``keys`` and ``spec`` (:class:`LabelledScores` or the probe's rows)."""
     shared = sorted(set(evaluated.keys) & set(validation.keys))
     if shared:
         raise ValueError(f"--val-data {validation.spec!r} and --data {evaluated.spec!r} share {len(shared)} "

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -100,16 +101,25 @@ class LinearProbe:
                          for m in self.models], axis=1)
 
 
-def _task_rows(task: Task, embedded: EmbeddedShards, spec: str) -> Tuple[np.ndarray, LabelledScores]:
-    """(embeddings of the records the task evaluates, their targets as LabelledScores without scores)."""
-    records = embedded.records
-    y, keep = task.targets(records.label_codes, records.metas, records.keys, where=f"shards {spec!r}")
-    keys = [k for k, kept in zip(records.keys, keep) if kept]
-    return embedded.embeddings[keep], LabelledScores(y[keep], np.zeros(y[keep].shape), keys, spec, len(keep))
+@dataclass
+class _ProbeRows:
+    """Embeddings and task targets of the records a task evaluates, from one set of shards."""
 
+    x: np.ndarray
+    y: np.ndarray
+    keys: List[str]
+    spec: str
+    n_read: int
 
-def _with_scores(rows: LabelledScores, scores: np.ndarray) -> LabelledScores:
-    return LabelledScores(rows.y_true, scores, rows.keys, rows.spec, rows.n_read)
+    @classmethod
+    def from_embedded(cls, task: Task, embedded: EmbeddedShards, spec: str) -> "_ProbeRows":
+        records = embedded.records
+        y, keep = task.targets(records.label_codes, records.metas, records.keys, where=f"shards {spec!r}")
+        return cls(embedded.embeddings[keep], y[keep], [k for k, kept in zip(records.keys, keep) if kept], spec,
+                   len(keep))
+
+    def scored(self, scores: np.ndarray) -> LabelledScores:
+        return LabelledScores(self.y, scores, self.keys, self.spec, self.n_read)
 
 
 def run_probe(model, task, train_data, data, *, train_split=None, split=None, val_data=None, val_split=None,
@@ -125,31 +135,28 @@ def run_probe(model, task, train_data, data, *, train_split=None, split=None, va
     rows = {}
     for name, (spec, spec_split) in specs.items():
         embedded = embed_shards(model, shards[name], seconds=seconds, batch_size=batch_size, workers=workers)
-        rows[name] = _task_rows(task, embedded, describe_shards(spec, spec_split))
-    check_disjoint(rows["eval"][1], rows["train"][1])
-    if "val" in rows:
-        check_disjoint(rows["eval"][1], rows["val"][1])
-    x_train, train = rows["train"]
+        rows[name] = _ProbeRows.from_embedded(task, embedded, describe_shards(spec, spec_split))
+    for other in ("train", "val"):
+        if other in rows:
+            check_disjoint(rows["eval"], rows[other])
+    train = rows["train"]
     results = {}
     for fraction in fractions:
-        index = subsample(train.y_true, fraction, seed)
+        index = subsample(train.y, fraction, seed)
         grid = ([C] if C is not None else list(C_GRID) if "val" in rows else [1.0])
         fitted = []
         for c in grid:
-            probe = LinearProbe(C=c).fit(x_train[index], train.y_true[index])
+            probe = LinearProbe(C=c).fit(train.x[index], train.y[index])
             val_auroc = None
             if "val" in rows:
-                x_val, val = rows["val"]
-                val_auroc = headline_metrics(val.y_true, probe.predict_proba(x_val),
+                val = rows["val"]
+                val_auroc = headline_metrics(val.y, probe.predict_proba(val.x),
                                              np.full(len(task.labels), 0.5))["macro_auroc"]
             fitted.append((val_auroc if val_auroc is not None else -np.inf, c, probe))
         _, chosen_c, probe = max(fitted, key=lambda item: item[0])
-        validation = None
-        if "val" in rows:
-            x_val, val = rows["val"]
-            validation = _with_scores(val, probe.predict_proba(x_val))
+        validation = rows["val"].scored(probe.predict_proba(rows["val"].x)) if "val" in rows else None
         thresholds, threshold_info = choose_thresholds(task.codes, validation)
-        x_eval, evaluated = rows["eval"]
+        evaluated = rows["eval"]
         probe_info = {
             "label_fraction": fraction, "train_records": int(len(index)), "train_records_available": len(train.keys),
             "train_data": train.spec, "C": chosen_c,
@@ -158,7 +165,7 @@ def run_probe(model, task, train_data, data, *, train_split=None, split=None, va
                             else "default 1.0 (no --val-data)"),
             "constant_labels": [task.codes[j] for j in probe.constant_labels], "seed": seed,
         }
-        results[fraction] = summarize(task, "linear probe", _with_scores(evaluated, probe.predict_proba(x_eval)),
+        results[fraction] = summarize(task, "linear probe", evaluated.scored(probe.predict_proba(evaluated.x)),
                                       thresholds, threshold_info, n_bootstrap, seed,
                                       about={**(about or {}), "probe": probe_info})
     return results
