@@ -334,3 +334,14 @@ def test_end_to_end_ptbxl_and_cross_institution(ptbxl_run, tmp_path):
     dx = {p.stem: p.read_text() for p in (SHARED / "cinc").glob("*.hea")}
     assert af["n_positive"] == sum("164889003" in dx[k.removeprefix("cinc_")] for k in test_keys)
     assert cross.metrics["thresholds"]["val_data"].endswith("(split val)")  # chosen on PTB-XL, applied to CinC
+
+
+def test_labels_task_prompts_are_the_shards_own_names_even_for_scp_like_codes(tmp_path):
+    vocabulary = [{"id": 0, "code": "AFIB", "name": "atrial fibrillation"},
+                  {"id": 1, "code": "PVC", "name": "premature ventricular complexes"}]
+    names, templates, sources = task_prompts(get_task("labels", vocabulary).labels)
+    assert names == {"AFIB": ["atrial fibrillation"], "PVC": ["premature ventricular complexes"]}
+    assert set(sources.values()) == {"label name"} and templates is None
+    user = tmp_path / "prompts.json"
+    user.write_text(json.dumps({"findings": {"PVC": ["ventricular extrasystole"]}}))
+    assert task_prompts(get_task("labels", vocabulary).labels, user)[0]["PVC"] == ["ventricular extrasystole"]

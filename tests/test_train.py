@@ -182,3 +182,11 @@ def test_lock_image_with_frozen_batch_norm_keeps_the_tower_and_its_statistics(sy
         if "num_batches_tracked" not in key:
             torch.testing.assert_close(trained[key], initial[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(trained["visual.head.proj.weight"], initial["visual.head.proj.weight"])
+
+
+def test_amp_bf16_trains_and_runs_zero_shot_validation(synthetic_shards, tmp_path):
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "bf16", "--precision", "amp_bf16")) == 0
+    results = _results(tmp_path / "bf16")
+    assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0
+    checkpoint = torch.load(tmp_path / "bf16" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert checkpoint["state_dict"]["logit_scale"].dtype == torch.float32  # amp keeps parameters in fp32

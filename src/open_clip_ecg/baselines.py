@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .data.pipeline import ECGSamplePreparer, make_train_loader, unpack_text_and_labels
-from .embed import crop_length, map_shards, model_leads, resolve_shards, write_atomic
+from .atomic import write_atomic
+from .embed import crop_length, map_shards, model_leads, resolve_shards
 from .evaluate import (
     EvaluationResult,
     add_data_arguments,

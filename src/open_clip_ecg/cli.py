@@ -21,7 +21,6 @@ SUBCOMMANDS = {
     "train-supervised": ("open_clip_ecg.baselines", "supervised BCE baseline on the same tower"),
     "probe": ("open_clip_ecg.probe", "linear probe on frozen ECG embeddings"),
     "quickstart": ("open_clip_ecg.quickstart", "synthetic data -> shards -> training -> report"),
-    "benchmark": ("open_clip_ecg.benchmark", "run every benchmark, write benchmark.json + table"),
 }
 
 
@@ -40,7 +39,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(module.cli_main(rest) or 0)
     sub_parser = argparse.ArgumentParser(prog=f"open-clip-ecg {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(sub_parser)
-    return int(module.run(sub_parser.parse_args(rest)) or 0)
+    args = sub_parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except ValueError as e:  # bad input: the message names the file/record/value, no traceback
+        print(f"open-clip-ecg {name}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

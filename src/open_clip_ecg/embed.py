@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import write_atomic
 from .data.pipeline import expand_shards, make_eval_loader, read_shard_info
 from .leads import STANDARD_LEADS
 from .zeroshot import encode_ecg
@@ -155,17 +156,6 @@ def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: 
         lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),
         shards, n_samples, model_leads(model), batch_size, workers, desc="embed")
     return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, rate, list(shards))
-
-
-def write_atomic(path: str, write) -> None:
-    """Write through `write(tmp_path)`, then move into place, so a crash leaves no half file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_embeddings(embedded: EmbeddedShards, out_dir: str, about: Dict) -> Dict[str, str]:

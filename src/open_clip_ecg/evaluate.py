@@ -34,7 +34,8 @@ from sklearn.metrics import roc_curve
 
 from . import metrics as M
 from .data.pipeline import read_shard_info
-from .embed import EmbeddedShards, ShardRecords, embed_shards, load_model, model_leads, resolve_shards, write_atomic
+from .atomic import write_atomic
+from .embed import EmbeddedShards, ShardRecords, embed_shards, load_model, model_leads, resolve_shards
 from .prompts import task_prompts
 from .tasks import TASKS, Task, get_task
 from .zeroshot import DEFAULT_TEMPLATES, build_zeroshot_classifier, predict_proba_from_embeddings

@@ -34,7 +34,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .embed import EmbeddedShards, embed_shards, load_model, resolve_shards, write_atomic
+from .atomic import write_atomic
+from .embed import EmbeddedShards, embed_shards, load_model, resolve_shards
 from .evaluate import (
     LabelledScores,
     add_data_arguments,

@@ -3,7 +3,8 @@
 Tasks (``get_task(name, vocabulary)``):
 
 - ``labels``: the shards' own vocabulary (``vocabulary.json``); a record's positives are its
-  ``label_codes``.
+  ``label_codes``; the prompts are the vocabulary's English names (a user prompt file still
+  overrides them by code).
 - ``ptbxl-all`` / ``-diag`` / ``-form`` / ``-rhythm`` / ``-sub`` / ``-super``: the PTB-XL benchmark
   label sets of Strodthoff et al. (IEEE JBHI 2021; arXiv 2020): 71 statements, 44 diagnostic, 19 form, 12 rhythm
   statements, 23 diagnostic subclasses, 5 diagnostic superclasses. Labels are derived from the raw
@@ -228,8 +229,11 @@ def _shared_task(path=SCP_SNOMED_MAP_CSV) -> Task:
 
 
 def _vocabulary_task(vocabulary: Sequence[Mapping]) -> Task:
+    # No prompt keys: the shards name their own labels, and those names are the prompts. Codes
+    # that look like SCP/SNOMED codes (the synthetic set's do) must not pull in another system's
+    # synonyms; the ptbxl-*/cinc tasks use the shipped prompt tables.
     labels = tuple(TaskLabel(str(entry["code"]), str(entry.get("name") or entry["code"]),
-                             {VOCABULARY: frozenset([str(entry["code"])])}, (str(entry["code"]),))
+                             {VOCABULARY: frozenset([str(entry["code"])])}, ())
                    for entry in vocabulary)
     if not labels:
         raise ValueError("the shards' vocabulary.json is empty: task 'labels' has nothing to score")

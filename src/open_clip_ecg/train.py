@@ -44,6 +44,7 @@ import numpy as np
 import open_clip
 import torch
 
+from .atomic import write_atomic
 from .data.pipeline import (
     ECGSamplePreparer,
     expand_shards,
@@ -106,6 +107,12 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                        help="random amplitude scaling range for training")
     group.add_argument("--ecg-lead-dropout", type=float, default=0.0,
                        help="probability of zeroing each lead during training")
+    group.add_argument("--ecg-init-logit-bias", type=float, default=-10.0,
+                       help="initial SigLIP logit bias (default -10, SigLIP's; it assumes huge batches "
+                            "where nearly every pair is negative: with small batches of multi-label "
+                            "pairs a value nearer logit(mean target), e.g. -4, learns much faster)")
+    group.add_argument("--ecg-init-logit-scale", type=float, default=10.0,
+                       help="initial SigLIP logit scale (multiplier; default 10, SigLIP's)")
     group.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
                        help="pair the --model's ECG tower with this local Hugging Face text model")
     return parser
@@ -264,9 +271,10 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
         for ecg, packed in data["val"].dataloader:
             embeddings.append(model.encode_image(ecg.to(device), normalize=True).float())
             targets.append(unpack_text_and_labels(packed)[1])
-        probs = predict_proba_from_embeddings(torch.cat(embeddings), classifier,
+    with torch.inference_mode():  # probabilities in float32, outside autocast
+        probs = predict_proba_from_embeddings(torch.cat(embeddings), classifier.float(),
                                               model.logit_scale.exp(), model.logit_bias)
-    y_true, y_score = torch.cat(targets).numpy(), probs.cpu().numpy()
+    y_true, y_score = torch.cat(targets).numpy(), probs.float().cpu().numpy()
     summary = headline_metrics(y_true, y_score, np.full(y_true.shape[1], DEFAULT_THRESHOLD))
     n_scored = sum(status == "ok" for status in label_status(y_true))
     macro_auroc = summary["macro_auroc"] if summary["macro_auroc"] is not None else float("nan")
@@ -284,10 +292,8 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
 # --------------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path, *args, **kwargs) -> None:
-    """torch.save to `path.tmp`, then rename: a crash never leaves a truncated checkpoint."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp, *args, **kwargs)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp, *args, **kwargs))
 
 
 class CPUCapableDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -351,6 +357,9 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         return args
 
     def create_model_and_transforms(*args, **kwargs):
+        # initial values only: --resume and --pretrained weights replace them
+        kwargs["init_logit_bias"] = ecg_options.ecg_init_logit_bias
+        kwargs["init_logit_scale"] = float(np.log(ecg_options.ecg_init_logit_scale))
         model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
         model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
         return enable_label_passing(model), preprocess_train, preprocess_val

@@ -28,6 +28,7 @@ DEFAULT_TEMPLATES = (
     "an electrocardiogram with {}.",
     "ECG: {}.",
     "the ECG demonstrates {}.",
+    "ECG with {}.",  # the sentence `open-clip-ecg shards --text labels|both` composes
 )
 
 

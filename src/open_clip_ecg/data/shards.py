@@ -66,6 +66,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from ..leads import STANDARD_LEADS
 from .preprocess import MISSING_LEAD_POLICIES, preprocess_record
 from .readers import READERS, get_reader
@@ -166,9 +167,7 @@ def _sha256(path) -> str:
 
 
 def _write_json_atomic(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(json.dumps(_jsonable(value), indent=1, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_jsonable(value), indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def shard_pattern(names: Sequence[str]) -> str:

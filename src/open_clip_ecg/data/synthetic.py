@@ -58,6 +58,7 @@ import numpy as np
 import wfdb
 from tqdm import tqdm
 
+from ..atomic import write_text_atomic
 from ..leads import STANDARD_LEADS
 
 FINDINGS: Dict[str, str] = {
@@ -386,12 +387,6 @@ def generate_record(index: int, seed: int = 0, sampling_rate: float = 500.0, sec
     )
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_record(job) -> dict:
     """Generate record ``index`` and write it as WFDB; returns its ``records.csv`` row."""
     index, seed, sampling_rate, seconds, output_dir = job
@@ -422,10 +417,10 @@ def write_synthetic_dataset(output_dir, n: int, seed: int = 0, sampling_rate: fl
     else:
         with multiprocessing.Pool(workers) as pool:
             rows = list(tqdm(pool.imap(_write_record, jobs, chunksize=16), **bar))
-    _write_text_atomic(output_dir / "label_names.csv",
+    write_text_atomic(output_dir / "label_names.csv",
                        _csv_text(["code", "name"], [{"code": c, "name": name} for c, name in FINDINGS.items()]))
     csv_path = output_dir / "records.csv"
-    _write_text_atomic(csv_path, _csv_text(list(rows[0]), rows))
+    write_text_atomic(csv_path, _csv_text(list(rows[0]), rows))
     return csv_path
 
 

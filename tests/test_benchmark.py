@@ -1,0 +1,20 @@
+"""The benchmark suite runs in a reduced mode and writes its JSON and table."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_benchmark_suite_quick(tmp_path):
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    names = {r["name"] for r in report["results"]}
+    assert {"towers", "loss", "shards", "training", "zeroshot"} <= names
+    for r in report["results"]:
+        assert r["ratios"] and all(v > 0 for v in r["ratios"].values()), r
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "open_clip_loop_vs_bare" in table

@@ -1,0 +1,38 @@
+"""The quickstart end to end, in a reduced mode (fewer records and steps, same code path)."""
+import csv
+import json
+import subprocess
+import sys
+
+
+def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(out), "--n", "160",
+           "--epochs", "1", "--batch-size", "16", "--bootstrap", "20", "--workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
+        assert stage in result.stderr
+    assert "zero-shot labels: macro_auroc" in result.stdout
+
+    report = out / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["thresholds"]["source"].startswith("validation")
+    assert 0 <= metrics["headline"]["macro_auroc"] <= 1
+    with open(report / "per_label.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(json.loads((out / "shards" / "vocabulary.json").read_text()))
+    for name in ("per_label.png", "roc_curves.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "macro" in (report / "report.md").read_text().lower()
+    assert (out / "logs" / "quickstart" / "checkpoints" / "epoch_1.pt").exists()
+    # every path printed at the end exists
+    printed = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(" ") and ": " in line]
+    assert printed and all((tmp_path / p).exists() or __import__("os").path.exists(p) for p in printed)
+
+
+def test_quickstart_rejects_a_bad_data_spec(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(tmp_path),
+                             "--data", "nosuchformat:/x"], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "expected ptbxl:PATH, cinc:PATH or csv:PATH" in result.stderr
