@@ -399,11 +399,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nAll other flags are open_clip_train's (python -m open_clip_train.main --help).")
         return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
-    # open_clip_train sets the root logger to INFO; torch's compiler then reports at exit
-    for noisy in ("torch._dynamo", "torch._subclasses.fake_tensor"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    with open_clip_seams(ecg_options, open_clip_argv):
-        status = oc_main.main(open_clip_argv)
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, list(root.handlers)
+    try:
+        with open_clip_seams(ecg_options, open_clip_argv):
+            status = oc_main.main(open_clip_argv)
+    finally:
+        # open_clip_train's setup_logging adds root handlers and sets every logger to INFO; undo it
+        # so in-process callers (quickstart, scripts, tests) don't log twice and torch's compiler
+        # does not report its (empty) statistics at exit
+        for handler in [h for h in root.handlers if h not in root_handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(root_level)
+        for name in list(logging.root.manager.loggerDict):
+            if name.startswith("torch"):
+                logging.getLogger(name).setLevel(logging.WARNING)
     return 0 if status in (None, 0) else 1
 
 
