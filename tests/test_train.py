@@ -190,3 +190,13 @@ def test_amp_bf16_trains_and_runs_zero_shot_validation(synthetic_shards, tmp_pat
     assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0
     checkpoint = torch.load(tmp_path / "bf16" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert checkpoint["state_dict"]["logit_scale"].dtype == torch.float32  # amp keeps parameters in fp32
+
+
+def test_resampled_shards_with_two_workers(synthetic_shards, tmp_path):
+    """--dataset-resampled (sampling shards with replacement) and several loader workers per rank."""
+    args = train_args(synthetic_shards, tmp_path, "resampled", "--dataset-resampled",
+                      "--train-num-samples", "48", "--val-frequency", "0")
+    args[args.index("--workers") + 1] = "2"
+    assert ecg_train.main(args) == 0
+    log = (tmp_path / "resampled" / "out.log").read_text()
+    assert "[48/48 (100%)]" in log  # 48 samples = 3 batches of 8 per worker x 2 workers

@@ -216,7 +216,8 @@ def _collate_pairs(samples):
 def _shard_source(shards, train, resampled, seed, shared_epoch):
     """The first stages: which shards each worker on each node reads, in which order."""
     if resampled:
-        return [ResampledShards2(shards, deterministic=True, epoch=shared_epoch)]
+        # open_clip's resampler takes a '::'-joined spec, not a list
+        return [ResampledShards2("::".join(shards), deterministic=True, epoch=shared_epoch)]
     if train:
         return [wds.SimpleShardList(shards),
                 detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=seed,
