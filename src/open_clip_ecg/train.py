@@ -56,6 +56,7 @@ from .data.pipeline import (
 )
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss
+from .registry import list_ecg_models, register_ecg_text_model
 from .towers import lock_image_tower
 from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
 
@@ -124,21 +125,15 @@ def _tower_lead_set(model_name: str) -> str:
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        raise ValueError(f"unknown model {model_name!r}; ECG models: {open_clip_ecg_models()}")
+        raise ValueError(f"unknown model {model_name!r}; ECG models: {list_ecg_models()}")
     tower = cfg["vision_cfg"].get("timm_model_name")
     if not tower:
-        raise ValueError(f"model {model_name!r} has no timm ECG tower; ECG models: {open_clip_ecg_models()}")
+        raise ValueError(f"model {model_name!r} has no timm ECG tower; ECG models: {list_ecg_models()}")
     n_leads = timm.models.get_pretrained_cfg(tower).input_size[0]
     for name, leads in LEAD_SETS.items():
         if len(leads) == n_leads:
             return name
     raise ValueError(f"tower {tower} expects {n_leads} leads, which is no known lead set")
-
-
-def open_clip_ecg_models() -> List[str]:
-    from .registry import list_ecg_models
-
-    return list_ecg_models()
 
 
 def check_open_clip_args(args: argparse.Namespace) -> None:
@@ -340,8 +335,6 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
     def parse_args(raw_args):
         args = upstream_parse_args(raw_args)
         if ecg_options.ecg_text_model:
-            from .registry import register_ecg_text_model
-
             args.model = register_ecg_text_model(
                 f"{args.model}+{os.path.basename(os.path.normpath(ecg_options.ecg_text_model))}",
                 ecg_options.ecg_text_model, base_model=args.model)
