@@ -10,6 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs for more than about 10 s (deselect with -m 'not slow')")
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the repository, or $OPEN_CLIP_ECG_SHARED_DATA."""
     return Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA", REPO.parent / "shared" / "data"))

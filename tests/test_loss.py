@@ -12,8 +12,9 @@ from open_clip_ecg.loss import MultiLabelSigLipLoss, exact_match_targets, jaccar
 MODES = ("jaccard", "exact", "identity")
 
 
-def reference_target(labels, i, j, mode):
-    a, b = set(np.flatnonzero(labels[i])), set(np.flatnonzero(labels[j]))
+def reference_target(labels, i, j, mode, text_labels=None):
+    text_labels = labels if text_labels is None else text_labels
+    a, b = set(np.flatnonzero(labels[i])), set(np.flatnonzero(text_labels[j]))
     if mode == "identity":
         return float(i == j)
     if mode == "exact":
@@ -21,7 +22,7 @@ def reference_target(labels, i, j, mode):
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def reference_loss_and_grads(image, text, scale, bias, labels, mode):
+def reference_loss_and_grads(image, text, scale, bias, labels, mode, text_labels=None):
     """The loss of the module docstring and its analytic gradients, pair by pair in float64 numpy.
 
     dL/dz_ij = (sigmoid(z_ij) - t_ij) / B, chained through z_ij = scale * <x_i, y_j> + bias.
@@ -34,7 +35,7 @@ def reference_loss_and_grads(image, text, scale, bias, labels, mode):
         for j in range(batch):
             cos = float(np.dot(image[i], text[j]))
             z = scale * cos + bias
-            t = reference_target(labels, i, j, mode)
+            t = reference_target(labels, i, j, mode, text_labels)
             log_sig_pos, log_sig_neg = -np.logaddexp(0.0, -z), -np.logaddexp(0.0, z)
             loss -= (t * log_sig_pos + (1 - t) * log_sig_neg) / batch
             dz = (1.0 / (1.0 + math.exp(-z)) - t) / batch
@@ -177,3 +178,38 @@ def test_identity_needs_no_labels_and_unknown_mode_is_rejected():
     assert torch.isfinite(MultiLabelSigLipLoss(targets="identity")(**kwargs))
     with pytest.raises(ValueError, match="targets must be one of"):
         MultiLabelSigLipLoss(targets="cosine")
+
+
+@pytest.mark.parametrize("mode", ("jaccard", "exact"))
+def test_text_labels_set_the_targets_of_the_text_side(mode):
+    """Texts that state a subset of their record's findings: t_ij compares ECG i with text j's findings."""
+    image, text, labels = random_batch()
+    text_labels = labels.clone()
+    text_labels[2, :] = 0
+    text_labels[2, 0] = 1  # text 2 names one finding only
+    text_labels[4] = labels[4] * (torch.arange(labels.shape[1]) % 2)
+    scale, bias = 7.0, -3.0
+    expected, *_ = reference_loss_and_grads(image.numpy(), text.numpy(), scale, bias, labels.numpy(), mode,
+                                            text_labels.numpy())
+    loss = MultiLabelSigLipLoss(targets=mode)(image, text, torch.tensor(scale, dtype=torch.float64),
+                                              torch.tensor(bias, dtype=torch.float64), labels=labels,
+                                              text_labels=text_labels)
+    assert float(loss) == pytest.approx(expected, rel=1e-9)
+    same = MultiLabelSigLipLoss(targets=mode)(image, text, torch.tensor(scale, dtype=torch.float64),
+                                              torch.tensor(bias, dtype=torch.float64), labels=labels)
+    assert float(same) != pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="text_labels"):
+        MultiLabelSigLipLoss(targets=mode)(image, text, torch.tensor(scale), torch.tensor(bias), labels=labels,
+                                           text_labels=text_labels[:, :2])
+
+
+def test_mean_pair_target_by_hand():
+    from open_clip_ecg.loss import mean_pair_target
+
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1]], dtype=torch.float32)
+    assert mean_pair_target(labels, "identity", 4) == pytest.approx(1 / 4)
+    # off-diagonal Jaccard/exact over distinct rows: 2 of 6 ordered pairs are 1 -> 1/3
+    assert mean_pair_target(labels, "jaccard", 4) == pytest.approx((1 + 3 / 3) / 4)
+    assert mean_pair_target(labels, "exact", 4) == pytest.approx((1 + 3 / 3) / 4)
+    with pytest.raises(ValueError):
+        mean_pair_target(labels, "nope", 4)

@@ -135,7 +135,8 @@ def test_text_modes():
     names = {"SBRAD": "sinus bradycardia", "1AVB": "first degree AV block"}
     assert make_text(entry, names, "report") == "sinusbradykardie"
     assert make_text(entry, names, "labels") == "ECG with first degree AV block and sinus bradycardia."
-    assert make_text(entry, names, "both") == "sinusbradykardie ECG with first degree AV block and sinus bradycardia."
+    # the finding sentence first: a text tower's context limit can only cut the report
+    assert make_text(entry, names, "both") == "ECG with first degree AV block and sinus bradycardia. sinusbradykardie"
     assert compose_label_text(["b", "A", "c", "b"]) == "ECG with A, b and c."
     assert make_text(RecordEntry("r2", "p", "p", labels=["X"]), {}, "labels") == "ECG with X."
     for mode, reason in (("report", "no_report"), ("labels", "no_labels"), ("both", "no_report")):

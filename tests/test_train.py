@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -82,9 +83,10 @@ class _RecordingLoss(ecg_train.MultiLabelSigLipLoss):
     calls = []
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, labels=None,
-                output_dict=False):
-        self.calls.append((image_features.shape[0], text_features.shape[0], labels.clone()))
-        return super().forward(image_features, text_features, logit_scale, logit_bias, labels, output_dict)
+                text_labels=None, output_dict=False):
+        self.calls.append((image_features.shape[0], text_features.shape[0], labels.clone(), text_labels.clone()))
+        return super().forward(image_features, text_features, logit_scale, logit_bias, labels, text_labels,
+                               output_dict)
 
 
 def test_accum_freq_2_gives_the_loss_labels_of_every_accumulated_pair(synthetic_shards, tmp_path, monkeypatch):
@@ -93,22 +95,25 @@ def test_accum_freq_2_gives_the_loss_labels_of_every_accumulated_pair(synthetic_
 
     def remember(samples):
         ecg, packed = original(samples)
-        batches.append(pipeline.unpack_text_and_labels(packed)[1])
+        unpacked = pipeline.unpack_text_and_labels(packed)
+        batches.append((unpacked.labels, unpacked.text_labels))
         return ecg, packed
 
     monkeypatch.setattr(pipeline, "_collate_pairs", remember)
     monkeypatch.setattr(ecg_train, "MultiLabelSigLipLoss", _RecordingLoss)
     _RecordingLoss.calls = []
-    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "accum", "--accum-freq", "2",
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "accum", "--accum-freq", "2", "--ecg-text", "sampled",
                                      "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
     assert _RecordingLoss.calls, "the loss was never called"
+    assert any(bool((ecg_labels != stated).any()) for ecg_labels, stated in batches), "no subset text was drawn"
     # each optimizer step calls the loss accum_freq times on the concatenated 2 x 8 pairs
     train_batches = batches[:2 * (len(_RecordingLoss.calls) // 2)]
-    for k, (n_image, n_text, labels) in enumerate(_RecordingLoss.calls):
+    for k, (n_image, n_text, labels, text_labels) in enumerate(_RecordingLoss.calls):
         assert n_image == n_text == labels.shape[0] == 16
         step = k // 2
-        expected = torch.cat(train_batches[2 * step:2 * step + 2])
-        torch.testing.assert_close(labels, expected)
+        pair = train_batches[2 * step:2 * step + 2]
+        torch.testing.assert_close(labels, torch.cat([ecg_labels for ecg_labels, _ in pair]))
+        torch.testing.assert_close(text_labels, torch.cat([stated for _, stated in pair]))
 
 
 def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
@@ -213,3 +218,67 @@ def test_ecg_text_model_pairs_the_tower_with_a_local_hf_folder(synthetic_shards,
     assert f"model: {name}" in (tmp_path / "hf" / "out.log").read_text()
     model = open_clip.create_model(name, pretrained=str(tmp_path / "hf" / "checkpoints" / "epoch_1.pt"))
     assert type(model).__name__ == "CustomTextCLIP"
+
+
+def _logits_after(logs, name):
+    checkpoint = torch.load(logs / name / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+    state = checkpoint["state_dict"]
+    return float(state["logit_scale"]), float(state["logit_bias"])
+
+
+@pytest.mark.slow
+def test_logit_scale_and_bias_move_further_with_their_lr_multiplier_and_auto_bias(synthetic_shards, tmp_path):
+    init_scale = float(np.log(10.0))
+    moves = {}
+    for mult in ("1", "20"):
+        assert ecg_train.main(train_args(synthetic_shards, tmp_path, f"mult{mult}", "--ecg-logit-lr-mult", mult,
+                                         "--ecg-init-logit-bias", "-4", "--val-frequency", "0",
+                                         "--zeroshot-frequency", "0")) == 0
+        scale, bias = _logits_after(tmp_path, f"mult{mult}")
+        moves[mult] = (abs(scale - init_scale), abs(bias + 4.0))
+    assert moves["1"][0] > 0 and moves["1"][1] > 0
+    # the same gradients, each step stretched 20x (the direction can differ after the first step)
+    assert moves["20"][0] > 5 * moves["1"][0] and moves["20"][1] > 5 * moves["1"][1], moves
+
+
+def test_auto_logit_bias_is_the_logit_of_the_mean_pair_target(synthetic_shards):
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.loss import mean_pair_target
+
+    shards = str(synthetic_shards / "train-*.tar")
+    rows = []
+    for sample in iterate_samples(shards):
+        row = torch.zeros(13)
+        row[sample["label_ids"]] = 1
+        rows.append(row)
+    for targets in ("jaccard", "identity"):
+        t = mean_pair_target(torch.stack(rows), targets, 8)
+        assert ecg_train.auto_logit_bias(shards, targets, 8) == pytest.approx(np.log(t / (1 - t)), rel=1e-6)
+    assert ecg_train.auto_logit_bias(shards, "identity", 8) == pytest.approx(np.log(1 / 7))
+
+
+def test_logit_step_amplifier_stretches_only_the_logit_parameters():
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+    model.logit_bias = torch.nn.Parameter(torch.tensor(-4.0))
+    model.weight = torch.nn.Parameter(torch.tensor(2.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    amplifier = ecg_train.LogitStepAmplifier(5.0)
+    amplifier.watch(model)
+    with amplifier:
+        (model.logit_scale + model.logit_bias + model.weight).backward()
+        optimizer.step()
+    assert float(model.logit_scale) == pytest.approx(1.0 - 0.5)
+    assert float(model.logit_bias) == pytest.approx(-4.0 - 0.5)
+    assert float(model.weight) == pytest.approx(2.0 - 0.1)
+    optimizer.zero_grad()
+    (model.logit_scale * 1).backward()
+    optimizer.step()  # hooks removed after the run
+    assert float(model.logit_scale) == pytest.approx(0.5 - 0.1)
+
+
+def test_sampled_training_text_trains_and_logs_truncation(synthetic_shards, tmp_path, caplog):
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "sampled", "--ecg-text", "sampled",
+                                     "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
+    log = (tmp_path / "sampled" / "out.log").read_text()
+    assert "Text truncation:" in log and "findings sentence itself is cut in 0" in log

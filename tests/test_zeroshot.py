@@ -111,6 +111,7 @@ def test_bad_ecg_raises_value_error(model_and_tokenizer, bad_ecg, message):
     ([], DEFAULT_TEMPLATES, "findings is empty"),
     ("atrial fibrillation", DEFAULT_TEMPLATES, "got the string"),
     ({"AF": []}, DEFAULT_TEMPLATES, "finding 'AF' needs a non-empty list"),
+    ([["atrial fibrillation"]], DEFAULT_TEMPLATES, "names must be non-empty strings"),
     (["AF"], ["an ECG"], "exactly one '{}'"),
     (["AF"], [], "non-empty sequence"),
 ])

@@ -82,7 +82,7 @@ def predict_probabilities(model: torch.nn.Module, ecg: torch.Tensor) -> torch.Te
     return torch.sigmoid(model(ecg.to(parameter.device, parameter.dtype)))
 
 
-def _score(model, task: Task, shards, spec: str, n_samples: int, batch_size: int, workers: int):
+def score_supervised(model, task: Task, shards, spec: str, n_samples: int, batch_size: int, workers: int):
     probabilities, records = map_shards(lambda ecg: predict_probabilities(model, ecg), shards, n_samples,
                                         model_leads(model), batch_size, workers, desc="predict")
     return labelled_scores(task, records, probabilities, spec)
@@ -131,7 +131,7 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
         data.set_epoch(epoch)
         losses = []
         for ecg, packed in data.dataloader:
-            _, labels, _ = unpack_text_and_labels(packed)
+            labels = unpack_text_and_labels(packed).labels
             targets, evaluated = labels[:, :-1].to(device), labels[:, -1].to(device)
             if not evaluated.any():
                 continue
@@ -145,7 +145,7 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
             losses.append(loss.item())
         message = f"epoch {epoch + 1}/{epochs}: train BCE {np.mean(losses) if losses else float('nan'):.4f}"
         if val_shards is not None:
-            validation = _score(model, task, val_shards, val_spec, n_samples, batch_size, workers)
+            validation = score_supervised(model, task, val_shards, val_spec, n_samples, batch_size, workers)
             auroc = headline_metrics(validation.y_true, validation.y_score,
                                      np.full(len(task.labels), 0.5))["macro_auroc"]
             message += f", val macro AUROC {auroc if auroc is not None else float('nan'):.4f}"
@@ -175,7 +175,7 @@ def evaluate_supervised(model, about: Dict, data, *, split: Optional[str] = None
     if task.codes != list(about["codes"]):
         raise ValueError(f"the model was trained for labels {about['codes']} but task {task.name!r} "
                          f"on {data!r} has {task.codes}")
-    evaluated = _score(model, task, shards, describe_shards(data, split), about["n_samples"], batch_size, workers)
+    evaluated = score_supervised(model, task, shards, describe_shards(data, split), about["n_samples"], batch_size, workers)
     if validation is not None:
         check_disjoint(evaluated, validation)
     thresholds, threshold_info = choose_thresholds(task.codes, validation)

@@ -36,9 +36,8 @@ from . import metrics as M
 from .data.pipeline import read_shard_info
 from .atomic import write_atomic
 from .embed import EmbeddedShards, ShardRecords, embed_shards, load_model, model_leads, resolve_shards
-from .prompts import task_prompts
+from .scoring import AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer
 from .tasks import TASKS, Task, get_task
-from .zeroshot import DEFAULT_TEMPLATES, build_zeroshot_classifier, predict_proba_from_embeddings
 
 __all__ = ["EvaluationResult", "LabelledScores", "choose_thresholds", "evaluate_zeroshot", "labelled_scores",
            "load_model", "resolve_task", "summarize", "write_report"]
@@ -134,11 +133,13 @@ def summarize(task: Task, method: str, scores: LabelledScores, thresholds: np.nd
 def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels", *, split: Optional[str] = None,
                       val_data=None, val_split: Optional[str] = None, prompts: Optional[str] = None,
                       seconds: Optional[float] = None, batch_size: int = 64, workers: int = 0,
-                      n_bootstrap: int = 1000, seed: int = 0, about: Optional[Dict] = None) -> EvaluationResult:
+                      n_bootstrap: int = 1000, seed: int = 0, about: Optional[Dict] = None,
+                      rules: ScoringRules = ScoringRules()) -> EvaluationResult:
     """Zero-shot evaluation of `model` on the shards `data` (a spec, or a folder with `split`).
 
     `prompts` is a user prompt JSON (see :mod:`open_clip_ecg.prompts`); `val_data` / `val_split`
-    give the validation shards thresholds are chosen on (none: 0.5).
+    give the validation shards thresholds are chosen on (none: 0.5); `rules` say which prompt names,
+    aggregation and scoring make the scores (:mod:`open_clip_ecg.scoring`).
     """
     if getattr(model, "logit_bias", None) is None:
         raise ValueError("zero-shot probabilities need a SigLIP-trained model with a logit_bias")
@@ -148,16 +149,12 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
         raise ValueError(f"--val-data {val_data!r} and --data {data!r} include the same shard(s): thresholds "
                          "must come from other records")
     task = resolve_task(task, shards)
-    names, templates, sources = task_prompts(task.labels, prompts)
-    templates = templates or list(DEFAULT_TEMPLATES)
-    classifier = build_zeroshot_classifier(model, tokenizer, names, templates=templates, batch_size=batch_size)
-    scale, bias = model.logit_scale.exp().detach(), model.logit_bias.detach()
+    scorer = TaskScorer(model, tokenizer, task, rules, prompts, read_shard_info(shards)["vocabulary"], batch_size)
 
     def score(spec, shard_list) -> Tuple[LabelledScores, EmbeddedShards]:
         embedded = embed_shards(model, shard_list, seconds=seconds, batch_size=batch_size, workers=workers)
         with torch.no_grad():
-            probabilities = predict_proba_from_embeddings(
-                torch.from_numpy(embedded.embeddings).to(classifier.device), classifier, scale, bias)
+            probabilities = scorer.scores(torch.from_numpy(embedded.embeddings))
         return labelled_scores(task, embedded.records, probabilities.cpu().numpy(), spec), embedded
 
     evaluated, embedded = score(describe_shards(data, split), shards)
@@ -170,9 +167,8 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
              "ecg": {"n_samples": embedded.n_samples, "sampling_rate": embedded.sampling_rate,
                      "seconds": embedded.n_samples / embedded.sampling_rate, "crop": "centre",
                      "leads": model_leads(model)},
-             "scores": "sigmoid(exp(logit_scale) * cos(ecg, finding) + logit_bias)",
-             "logit_scale": float(scale), "logit_bias": float(bias.reshape(-1)[0]),
-             "prompts": {"file": prompts, "templates": list(templates), "names": names, "sources": sources}}
+             "logit_scale": float(scorer.logit_scale), "logit_bias": float(scorer.logit_bias.reshape(-1)[0]),
+             "zeroshot": scorer.describe()}
     return summarize(task, "zero-shot", evaluated, thresholds, threshold_info, n_bootstrap, seed, about)
 
 
@@ -350,6 +346,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
     add_data_arguments(parser)
     parser.add_argument("--prompts", default=None, help="prompt JSON overriding the shipped finding names/templates")
+    add_scoring_arguments(parser)
+
+
+def add_scoring_arguments(parser) -> None:
+    """The zero-shot scoring rules (open_clip_ecg.scoring), for evaluate and the experiment scripts."""
+    defaults = ScoringRules()
+    parser.add_argument("--prompt-names", choices=PROMPT_NAMES, default=defaults.names,
+                        help=f"finding names in prompts: shipped names and synonyms, the English name only, or "
+                             f"the shards' vocabulary names (default {defaults.names})")
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate,
+                        help="score a label from its own prompts, or combine the probabilities of its member "
+                             f"statements (PTB-XL superclasses/subclasses) (default {defaults.aggregate})")
+    parser.add_argument("--scoring", choices=SCORINGS, default=defaults.scoring,
+                        help="SigLIP pair probability, or finding vs its negation ('no ...') "
+                             f"(default {defaults.scoring})")
+
+
+def scoring_rules(args) -> ScoringRules:
+    return ScoringRules(names=args.prompt_names, aggregate=args.aggregate, scoring=args.scoring)
 
 
 def run(args) -> int:
@@ -357,7 +372,8 @@ def run(args) -> int:
     result = evaluate_zeroshot(
         model, tokenizer, args.data, args.task, split=args.split, val_data=args.val_data, val_split=args.val_split,
         prompts=args.prompts, seconds=args.seconds, batch_size=args.batch_size, workers=args.workers,
-        n_bootstrap=args.bootstrap, seed=args.seed, about={"model": args.model, "pretrained": args.pretrained})
+        n_bootstrap=args.bootstrap, seed=args.seed, about={"model": args.model, "pretrained": args.pretrained},
+        rules=scoring_rules(args))
     paths = write_report(result, args.out)
     print(headline_line(result))
     print(f"report: {paths['report.md']}")

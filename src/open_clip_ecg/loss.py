@@ -68,6 +68,26 @@ def exact_match_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch
 _TARGET_FNS = {"jaccard": jaccard_targets, "exact": exact_match_targets}
 
 
+def mean_pair_target(labels: torch.Tensor, targets: str, batch_size: int) -> float:
+    """Mean target over the B x B pairs of a batch of `batch_size` samples like `labels` ([N, L]).
+
+    The diagonal is 1 in every mode; off-diagonal pairs average the mode's targets over distinct
+    samples of `labels` (0 for ``identity``). ``log(t / (1 - t))`` of it is the logit bias a model
+    with uninformative features would learn: a better start than SigLIP's -10 on small batches of
+    multi-label pairs (``--ecg-init-logit-bias auto``).
+    """
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+    if batch_size < 2 or labels.ndim != 2 or len(labels) < 2:
+        raise ValueError("need a batch size >= 2 and at least two label rows")
+    off_diagonal = 0.0
+    if targets != "identity":
+        pairs = _TARGET_FNS[targets](labels.float(), labels.float())
+        n = len(labels)
+        off_diagonal = float((pairs.sum() - pairs.diagonal().sum()) / (n * (n - 1)))
+    return (1.0 + (batch_size - 1) * off_diagonal) / batch_size
+
+
 class MultiLabelSigLipLoss(SigLipLoss):
     """SigLIP loss whose pair targets come from multi-hot finding labels (see module docstring).
 
@@ -112,20 +132,30 @@ class MultiLabelSigLipLoss(SigLipLoss):
             logit_scale: torch.Tensor,
             logit_bias: Optional[torch.Tensor] = None,
             labels: Optional[torch.Tensor] = None,
+            text_labels: Optional[torch.Tensor] = None,
             output_dict: bool = False,
     ):
+        """`labels` are the ECGs' findings; `text_labels` the findings each text states (default:
+        `labels`; they differ when training texts name a subset of a record's findings)."""
         _check_features(image_features, text_features)
         if self.targets == "identity":
             return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=output_dict)
         _check_labels(labels, image_features.shape[0], self.targets)
+        if text_labels is None:
+            text_labels = labels
+        else:
+            _check_labels(text_labels, image_features.shape[0], self.targets)
+            if text_labels.shape != labels.shape:
+                raise ValueError(f"text_labels {tuple(text_labels.shape)} and labels {tuple(labels.shape)} "
+                                 "must have the same [batch, n_labels] shape")
 
-        labels = labels.to(text_features.dtype)
-        loss = self._block_loss(image_features, text_features, labels, labels, logit_scale, logit_bias)
+        labels, text_labels = labels.to(text_features.dtype), text_labels.to(text_features.dtype)
+        loss = self._block_loss(image_features, text_features, labels, text_labels, logit_scale, logit_bias)
         if self.world_size > 1:
             dim = text_features.shape[1]
-            # One message per hop: the labels ride in the same tensor as the text features, so they
-            # cannot fall out of step; gradients flow back through the feature columns only.
-            payload = torch.cat([text_features, labels], dim=1)
+            # One message per hop: the text labels ride in the same tensor as the text features, so
+            # they cannot fall out of step; gradients flow back through the feature columns only.
+            payload = torch.cat([text_features, text_labels], dim=1)
             for received in self._exchange(payload):
                 loss = loss + self._block_loss(
                     image_features, received[:, :dim], labels, received[:, dim:], logit_scale, logit_bias)

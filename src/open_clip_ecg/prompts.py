@@ -92,26 +92,37 @@ def _unique(names: Sequence[str]) -> List[str]:
     return out
 
 
-def task_prompts(labels, user_file=None) -> Tuple[Dict[str, List[str]], Optional[List[str]], Dict[str, str]]:
+PROMPT_NAMES = ("shipped", "name", "vocabulary")
+
+
+def task_prompts(labels, user_file=None, rule: str = "shipped", vocabulary_names: Optional[Mapping[str, str]] = None
+                 ) -> Tuple[Dict[str, List[str]], Optional[List[str]], Dict[str, str]]:
     """Names per label code, the user's templates (None: use the defaults), and each label's source.
 
     `labels` are :class:`open_clip_ecg.tasks.TaskLabel` (``code``, ``name``, ``prompt_keys``).
+    `rule` picks the names of labels the user's file does not name: ``shipped`` (the shipped
+    entries of the label's prompt keys, name and synonyms), ``name`` (their first name only) or
+    ``vocabulary`` (``vocabulary_names[code]``, the shards' own name for the code, else as ``name``).
+    A label nothing names is prompted with its task name.
     """
+    if rule not in PROMPT_NAMES:
+        raise ValueError(f"unknown prompt names {rule!r}; expected one of {', '.join(PROMPT_NAMES)}")
     user = load_prompt_file(user_file) if user_file else {"templates": None, "findings": {}}
     shipped = shipped_prompts()
+    vocabulary_names = vocabulary_names or {}
     names: Dict[str, List[str]] = {}
     sources: Dict[str, str] = {}
     for label in labels:
         user_key = next((k for k in (label.code, *label.prompt_keys) if k in user["findings"]), None)
+        shipped_names = _unique([n for key in label.prompt_keys for n in shipped.get(key, ())])
         if user_key is not None:
-            names[label.code] = _unique(finding_names(user["findings"][user_key]))
-            sources[label.code] = f"user file ({user_key})"
-            continue
-        shipped_names = [n for key in label.prompt_keys for n in shipped.get(key, ())]
-        if shipped_names:
-            names[label.code] = _unique(shipped_names)
-            sources[label.code] = "shipped"
+            names[label.code], sources[label.code] = _unique(finding_names(user["findings"][user_key])), \
+                f"user file ({user_key})"
+        elif rule == "vocabulary" and label.code in vocabulary_names:
+            names[label.code], sources[label.code] = [vocabulary_names[label.code]], "vocabulary"
+        elif shipped_names:
+            names[label.code] = shipped_names if rule == "shipped" else shipped_names[:1]
+            sources[label.code] = "shipped" if rule == "shipped" else "shipped name"
         else:
-            names[label.code] = [label.name]
-            sources[label.code] = "label name"
+            names[label.code], sources[label.code] = [label.name], "label name"
     return names, user["templates"], sources

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -45,17 +46,19 @@ import open_clip
 import torch
 
 from .atomic import write_atomic
+from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, truncation_counts
 from .data.pipeline import (
     ECGSamplePreparer,
     expand_shards,
     fingerprint,
+    iterate_samples,
     make_train_loader,
     make_val_loader,
     read_shard_info,
     unpack_text_and_labels,
 )
 from .leads import LEAD_SETS
-from .loss import TARGET_MODES, MultiLabelSigLipLoss
+from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
 from .registry import list_ecg_models, register_ecg_text_model
 from .towers import lock_image_tower
 from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
@@ -108,15 +111,36 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                        help="random amplitude scaling range for training")
     group.add_argument("--ecg-lead-dropout", type=float, default=0.0,
                        help="probability of zeroing each lead during training")
-    group.add_argument("--ecg-init-logit-bias", type=float, default=-10.0,
-                       help="initial SigLIP logit bias (default -10, SigLIP's; it assumes huge batches "
-                            "where nearly every pair is negative: with small batches of multi-label "
-                            "pairs a value nearer logit(mean target), e.g. -4, learns much faster)")
+    group.add_argument("--ecg-text", choices=("stored", "sampled"), default="stored",
+                       help="training text: the shards' stored text, or one composed afresh per sample "
+                            "and step from the report and the finding names (see --ecg-text-weights)")
+    group.add_argument("--ecg-text-weights", type=float, nargs=len(SAMPLED_TEXT_KINDS),
+                       default=(0.25, 0.25, 0.25, 0.25), metavar=tuple(k.upper() for k in SAMPLED_TEXT_KINDS),
+                       help="--ecg-text sampled: how often each kind of text is drawn: the report, all "
+                            "findings in random order, a random subset of the findings, findings then "
+                            "report (default 0.25 each)")
+    group.add_argument("--ecg-init-logit-bias", type=_bias_value, default=-10.0,
+                       help="initial SigLIP logit bias: a number (default -10, SigLIP's; it assumes huge "
+                            "batches where nearly every pair is negative) or 'auto': logit of the mean pair "
+                            "target of training batches under --ecg-targets, measured on the train shards' "
+                            "labels (the bias a model with uninformative features would learn)")
     group.add_argument("--ecg-init-logit-scale", type=float, default=10.0,
                        help="initial SigLIP logit scale (multiplier; default 10, SigLIP's)")
+    group.add_argument("--ecg-logit-lr-mult", type=float, default=1.0,
+                       help="each optimizer step moves the logit scale and bias this many times as far as "
+                            "the optimizer would (default 1); on small data they otherwise barely move")
     group.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
                        help="pair the --model's ECG tower with this local Hugging Face text model")
     return parser
+
+
+def _bias_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _tower_lead_set(model_name: str) -> str:
@@ -161,9 +185,10 @@ def check_open_clip_args(args: argparse.Namespace) -> None:
 # The model's label-carrying forward
 # --------------------------------------------------------------------------------------------
 
-def check_label_alignment(tokens: torch.Tensor, labels: torch.Tensor, carried: torch.Tensor) -> None:
+def check_label_alignment(tokens: torch.Tensor, labels: torch.Tensor, text_labels: torch.Tensor,
+                          carried: torch.Tensor) -> None:
     """Raise LabelAlignmentError if any row's labels are not the ones read with its text."""
-    mismatch = fingerprint(tokens, labels) != carried
+    mismatch = fingerprint(tokens, labels, text_labels) != carried
     if bool(mismatch.any()):
         rows = mismatch.nonzero().flatten().tolist()
         raise LabelAlignmentError(
@@ -172,13 +197,13 @@ def check_label_alignment(tokens: torch.Tensor, labels: torch.Tensor, carried: t
 
 
 def _labelled_forward(self, image=None, text=None):
-    """CLIP.forward for packed text rows: returns the batch's labels with the features."""
+    """CLIP.forward for packed text rows: returns the batch's ECG and text labels with the features."""
     if text is None:
         return type(self).forward(self, image, None)
-    tokens, labels, carried = unpack_text_and_labels(text)
-    check_label_alignment(tokens, labels, carried)
-    out = type(self).forward(self, image, tokens)
-    out["labels"] = labels
+    packed = unpack_text_and_labels(text)
+    check_label_alignment(packed.tokens, packed.labels, packed.text_labels, packed.fingerprint)
+    out = type(self).forward(self, image, packed.tokens)
+    out["labels"], out["text_labels"] = packed.labels, packed.text_labels
     return out
 
 
@@ -228,12 +253,98 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         amplitude_scale=ecg.ecg_amplitude_scale if is_train else None,
         lead_dropout=ecg.ecg_lead_dropout if is_train else 0.0)
     if is_train:
+        names = [v["name"] for v in info["vocabulary"]]
+        text_sampler = (TrainingTextSampler(names, ecg.ecg_text_weights) if ecg.ecg_text == "sampled" else None)
+        if not hasattr(args, "ecg_truncation"):
+            log_text_truncation(args, tokenizer, text_sampler)
         return make_train_loader(
             args.train_data, tokenizer=tokenizer, preparer=preparer, batch_size=args.batch_size,
             workers=args.workers, world_size=args.world_size, seed=args.seed, epoch=epoch,
-            resampled=args.dataset_resampled, num_samples=args.train_num_samples)
+            resampled=args.dataset_resampled, num_samples=args.train_num_samples, text_sampler=text_sampler)
     return make_val_loader(args.val_data, tokenizer=tokenizer, preparer=preparer,
                            batch_size=args.batch_size, workers=args.workers)
+
+
+TRUNCATION_SAMPLE = 2000  # training texts checked against the context length before training
+
+
+def log_text_truncation(args, tokenizer, text_sampler: Optional[TrainingTextSampler]) -> Dict[str, int]:
+    """Count (and log) training texts longer than the text tower's context, on up to
+    TRUNCATION_SAMPLE samples of the train shards: the stored texts, or with `text_sampler` its
+    longest kind (findings, then the report). Kept in ``args.ecg_truncation``."""
+    names = [v["name"] for v in args.ecg_shard_info["train"]["vocabulary"]]
+
+    def texts():
+        for sample in itertools.islice(iterate_samples(args.train_data), TRUNCATION_SAMPLE):
+            ids = sample["label_ids"]
+            findings = compose_label_text(names[i] for i in ids) if ids else ""
+            if text_sampler is None:
+                yield sample["text"], (findings if findings in sample["text"] else "")
+            else:
+                yield " ".join(p for p in (findings, sample["meta"].get("report") or "") if p), findings
+
+    counts = truncation_counts(tokenizer, texts())
+    args.ecg_truncation = counts
+    logging.info(f"Text truncation: {counts['truncated']} of {counts['texts']} training texts exceed the "
+                 f"{counts['context_length']}-token context (the report's end is cut); the findings "
+                 f"sentence itself is cut in {counts['findings_cut']}")
+    if counts["findings_cut"]:
+        logging.warning(f"{counts['findings_cut']} findings sentences are longer than the text context: "
+                        "use a text tower with a longer context")
+    return counts
+
+
+AUTO_BIAS_SAMPLE = 5000  # training label sets read to choose --ecg-init-logit-bias auto
+
+
+def auto_logit_bias(train_data, targets: str, batch_size: int) -> float:
+    """logit(mean pair target) of training batches, from up to AUTO_BIAS_SAMPLE samples' labels."""
+    shards = expand_shards(train_data)
+    n_labels = len(read_shard_info(shards)["vocabulary"])
+    rows = []
+    for sample in itertools.islice(iterate_samples(shards), AUTO_BIAS_SAMPLE):
+        row = torch.zeros(n_labels)
+        row[sample["label_ids"]] = 1.0
+        rows.append(row)
+    if len(rows) < 2:
+        raise ValueError(f"--ecg-init-logit-bias auto needs at least 2 training samples in {train_data!r}")
+    target = min(max(mean_pair_target(torch.stack(rows), targets, batch_size), 1e-4), 1 - 1e-4)
+    return float(np.log(target / (1 - target)))
+
+
+class LogitStepAmplifier:
+    """Makes every optimizer step move the logit scale and bias `mult` times as far.
+
+    open_clip_train builds its optimizer inside ``main()`` and its LR schedules overwrite every
+    param group's learning rate, so a group with its own LR cannot be added from outside. torch's
+    global optimizer step hooks can: before a step they note the two parameters, after it they
+    stretch the step. Works with any optimizer, schedule and --accum-freq.
+    """
+
+    def __init__(self, mult: float):
+        self.mult, self.params, self.before, self.handles = mult, [], [], []
+
+    def watch(self, model: torch.nn.Module) -> None:
+        self.params = [p for name, p in model.named_parameters() if name in ("logit_scale", "logit_bias")]
+
+    def _pre(self, optimizer, *_):
+        self.before = [p.detach().clone() for p in self.params]
+
+    def _post(self, optimizer, *_):
+        with torch.no_grad():
+            for p, old in zip(self.params, self.before):
+                p.add_((p - old) * (self.mult - 1))
+
+    def __enter__(self):
+        if self.mult != 1:
+            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+            self.handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 def _ecg_dataset_fn(data_path, dataset_type):
@@ -265,7 +376,7 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
                                                device=device)
         for ecg, packed in data["val"].dataloader:
             embeddings.append(model.encode_image(ecg.to(device), normalize=True).float())
-            targets.append(unpack_text_and_labels(packed)[1])
+            targets.append(unpack_text_and_labels(packed).labels)
     with torch.inference_mode():  # probabilities in float32, outside autocast
         probs = predict_proba_from_embeddings(torch.cat(embeddings), classifier.float(),
                                               model.logit_scale.exp(), model.logit_bias)
@@ -331,6 +442,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
 
     upstream_parse_args = oc_main.parse_args
     upstream_create_model = oc_main.create_model_and_transforms
+    amplifier = LogitStepAmplifier(ecg_options.ecg_logit_lr_mult)
 
     def parse_args(raw_args):
         args = upstream_parse_args(raw_args)
@@ -346,6 +458,13 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         if ecg_options.ecg_leads not in (None, tower_leads):
             raise ValueError(f"--ecg-leads {ecg_options.ecg_leads} but {args.model} takes {tower_leads} lead(s)")
         ecg_options.ecg_leads = tower_leads
+        if ecg_options.ecg_init_logit_bias == "auto":
+            if not args.train_data:
+                raise ValueError("--ecg-init-logit-bias auto reads the --train-data labels; give a number instead")
+            # the loss pairs each rank's ECGs with the texts of all ranks: the global batch counts
+            world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+            ecg_options.ecg_init_logit_bias = auto_logit_bias(args.train_data, ecg_options.ecg_targets,
+                                                              args.batch_size * world_size)
         args.ecg = ecg_options
         return args
 
@@ -354,6 +473,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         kwargs["init_logit_bias"] = ecg_options.ecg_init_logit_bias
         kwargs["init_logit_scale"] = float(np.log(ecg_options.ecg_init_logit_scale))
         model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
+        amplifier.watch(model)
         model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
         return enable_label_passing(model), preprocess_train, preprocess_val
 
@@ -374,7 +494,8 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
     try:
         for module, name, value in replacements:
             setattr(module, name, value)
-        yield
+        with amplifier:  # torch's global optimizer step hooks (--ecg-logit-lr-mult), for this run only
+            yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)

@@ -16,20 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.text import FINDING_TEMPLATES
+
 Template = Union[str, Callable[[str], str]]
 
 # Reports in PTB-XL and similar sets are terse statements ("sinus rhythm. left axis deviation."),
 # so the bare finding name is one prompt; the others phrase it as a description of a recording.
-# No template names a lead count, so they suit reduced-lead models too.
-DEFAULT_TEMPLATES = (
-    "{}",
-    "{}.",
-    "an ECG showing {}.",
-    "an electrocardiogram with {}.",
-    "ECG: {}.",
-    "the ECG demonstrates {}.",
-    "ECG with {}.",  # the sentence `open-clip-ecg shards --text labels|both` composes
-)
+# They are the phrasings training texts use too (--ecg-text sampled).
+DEFAULT_TEMPLATES = FINDING_TEMPLATES
 
 
 def build_zeroshot_classifier(
@@ -147,6 +141,8 @@ def _finding_synonyms(findings) -> List[Sequence[str]]:
     for finding, names in zip(findings, synonyms):
         if isinstance(names, str) or len(names) == 0:
             raise ValueError(f"finding {finding!r} needs a non-empty list of names, got {names!r}")
+        if not all(isinstance(name, str) and name.strip() for name in names):
+            raise ValueError(f"finding {finding!r}: names must be non-empty strings, got {names!r}")
     return synonyms
 
 

@@ -19,7 +19,7 @@ import io
 import json
 import math
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from open_clip_train.data import (  # reused as-is: epoch sync and deterministic
 )
 
 from ..leads import STANDARD_LEADS, lead_indices
+from .text import TrainingTextSampler
 from .transforms import build_ecg_transform
 from .vocabulary import labels_to_multi_hot, load_vocabulary
 
@@ -139,36 +140,47 @@ _FINGERPRINT_WEIGHTS = torch.from_numpy(
 _FINGERPRINT_MODULUS = 2**31 - 1
 
 
-def fingerprint(tokens: torch.Tensor, multi_hot: torch.Tensor) -> torch.Tensor:
-    """A cheap hash of (text tokens, labels) per row: [..., ctx], [..., L] -> [...] int64.
+def fingerprint(tokens: torch.Tensor, multi_hot: torch.Tensor, text_multi_hot: torch.Tensor) -> torch.Tensor:
+    """A cheap hash of (text tokens, ECG labels, text labels) per row -> [...] int64.
 
     Computed once per sample when it is read and again on the batch the model receives; if the
     two differ, labels were paired with the wrong text (the label-alignment contract check).
     """
-    n_tok, n_lab = tokens.shape[-1], multi_hot.shape[-1]
-    if n_tok + n_lab > len(_FINGERPRINT_WEIGHTS):
+    values = torch.cat([multi_hot.long(), text_multi_hot.long(), tokens.long()], dim=-1)
+    if values.shape[-1] > len(_FINGERPRINT_WEIGHTS):
         raise ValueError(f"fingerprint supports up to {len(_FINGERPRINT_WEIGHTS)} tokens+labels")
     w = _FINGERPRINT_WEIGHTS.to(tokens.device)
-    h = (tokens.long() * w[:n_tok]).sum(-1) + (multi_hot.long() * w[n_tok:n_tok + n_lab]).sum(-1)
-    return h % _FINGERPRINT_MODULUS
+    return (values * w[:values.shape[-1]]).sum(-1) % _FINGERPRINT_MODULUS
 
 
-def pack_text_and_labels(tokens: torch.Tensor, multi_hot: torch.Tensor) -> torch.Tensor:
-    """One sample's tokens [ctx] and multi-hot [L] -> int64 row [2 + L + ctx].
+class PackedText(NamedTuple):
+    """A batch of packed text rows, unpacked."""
 
-    Layout: ``[L, fingerprint, labels..., tokens...]``: self-describing, so the model can split it
-    without knowing the vocabulary size in advance.
+    tokens: torch.Tensor  # [B, ctx]
+    labels: torch.Tensor  # [B, L] float multi-hot: the ECG's findings
+    text_labels: torch.Tensor  # [B, L] float multi-hot: the findings the text states
+    fingerprint: torch.Tensor  # [B]
+
+
+def pack_text_and_labels(tokens: torch.Tensor, multi_hot: torch.Tensor,
+                         text_multi_hot: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One sample's tokens [ctx], ECG labels [L] and text labels [L] (default: the ECG's) -> int64
+    row [2 + 2L + ctx].
+
+    Layout: ``[L, fingerprint, labels..., text labels..., tokens...]``: self-describing, so the
+    model can split it without knowing the vocabulary size in advance.
     """
+    text_multi_hot = multi_hot if text_multi_hot is None else text_multi_hot
     n_labels = multi_hot.shape[-1]
-    head = torch.tensor([n_labels, int(fingerprint(tokens, multi_hot))], dtype=torch.long)
-    return torch.cat([head, multi_hot.long(), tokens.long()])
+    head = torch.tensor([n_labels, int(fingerprint(tokens, multi_hot, text_multi_hot))], dtype=torch.long)
+    return torch.cat([head, multi_hot.long(), text_multi_hot.long(), tokens.long()])
 
 
-def unpack_text_and_labels(packed: torch.Tensor):
-    """Batch [B, 2 + L + ctx] -> (tokens [B, ctx], multi-hot float [B, L], fingerprint [B])."""
-    n_labels = int(packed[0, 0])
-    multi_hot = packed[:, 2:2 + n_labels]
-    return packed[:, 2 + n_labels:], multi_hot.float(), packed[:, 1]
+def unpack_text_and_labels(packed: torch.Tensor) -> PackedText:
+    """Batch [B, 2 + 2L + ctx] -> :class:`PackedText`."""
+    n = int(packed[0, 0])
+    return PackedText(packed[:, 2 + 2 * n:], packed[:, 2:2 + n].float(), packed[:, 2 + n:2 + 2 * n].float(),
+                      packed[:, 1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,15 +209,27 @@ class ECGSamplePreparer:
 
 
 class _TrainingSample:
-    """decoded sample -> (ecg [leads, T], packed text row); a class so workers can pickle it."""
+    """decoded sample -> (ecg [leads, T], packed text row); a class so workers can pickle it.
 
-    def __init__(self, preparer: ECGSamplePreparer, tokenizer: Callable):
+    With a `text_sampler` (:class:`~open_clip_ecg.data.text.TrainingTextSampler`) the text is
+    composed afresh each time from the report and finding names; otherwise the stored text is used.
+    """
+
+    def __init__(self, preparer: ECGSamplePreparer, tokenizer: Callable,
+                 text_sampler: Optional[TrainingTextSampler] = None):
         self.preparer = preparer
         self.tokenizer = tokenizer
+        self.text_sampler = text_sampler
 
     def __call__(self, sample: Dict):
-        tokens = self.tokenizer(sample["text"])[0]
-        return self.preparer.ecg(sample), pack_text_and_labels(tokens, self.preparer.multi_hot(sample))
+        labels = self.preparer.multi_hot(sample)
+        if self.text_sampler is None:
+            text, text_labels = sample["text"], labels
+        else:
+            text, stated = self.text_sampler(sample["text"], sample["meta"].get("report"), sample["label_ids"])
+            text_labels = labels_to_multi_hot(stated, len(labels))
+        tokens = self.tokenizer(text)[0]
+        return self.preparer.ecg(sample), pack_text_and_labels(tokens, labels, text_labels)
 
 
 def _collate_pairs(samples):
@@ -243,7 +267,8 @@ def _count_samples(shards: Sequence[str]) -> Optional[int]:
 
 def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
                       workers: int, world_size: int = 1, seed: int = 0, epoch: int = 0,
-                      resampled: bool = False, num_samples: Optional[int] = None) -> DataInfo:
+                      resampled: bool = False, num_samples: Optional[int] = None,
+                      text_sampler: Optional[TrainingTextSampler] = None) -> DataInfo:
     """Training loader in open_clip's DataInfo: shuffled shards and samples, fixed batches/epoch.
 
     Every worker of every rank yields the same number of batches (webdataset's ``with_epoch``
@@ -265,7 +290,7 @@ def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePrepare
         wds.select(_is_sample),
         wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL),
         wds.map(decode_sample),
-        wds.map(_TrainingSample(preparer, tokenizer)),
+        wds.map(_TrainingSample(preparer, tokenizer, text_sampler)),
         wds.batched(batch_size, collation_fn=_collate_pairs, partial=False),
     )
     num_batches = math.ceil(num_samples / (batch_size * world_size))

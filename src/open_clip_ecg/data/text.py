@@ -8,28 +8,54 @@
   label codes, e.g. ``"ECG with first degree AV block and sinus bradycardia."`` (names sorted
   case-insensitively, no randomness, so the same label set always gives the same text). A record
   without labels is skipped with reason ``'no_labels'``.
-- ``both``: the report followed by the label sentence; either part may be missing, a record with
-  neither is skipped with reason ``'no_report'``.
+- ``both``: the label sentence followed by the report; either part may be missing, a record with
+  neither is skipped with reason ``'no_report'``. The sentence comes first so that a text tower's
+  context limit (77 tokens for CLIP's BPE) can only ever cut the report, never the findings that
+  zero-shot prompts must match (long German PTB-XL reports used to push it out).
+
+At training time :class:`TrainingTextSampler` can compose a fresh text per step from the report and
+the English finding names instead of using the stored text (``--ecg-text sampled``).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import os
+import random
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
 
 from .record import RecordEntry, RecordError
 
 TEXT_MODES = ("report", "labels", "both")
 
+# Phrasings of a finding list, shared with zero-shot prompts (open_clip_ecg.zeroshot): training
+# texts that look like prompts teach the text tower what a prompt means. None names a lead count,
+# so they suit reduced-lead models too; "ECG with {}." is the sentence the shard writer composes.
+FINDING_TEMPLATES = (
+    "{}",
+    "{}.",
+    "an ECG showing {}.",
+    "an electrocardiogram with {}.",
+    "ECG: {}.",
+    "the ECG demonstrates {}.",
+    "ECG with {}.",
+)
+
+
+def _clean_names(names: Iterable[str]) -> List[str]:
+    return sorted({name.strip().rstrip(".") for name in names if name.strip()}, key=lambda n: (n.casefold(), n))
+
+
+def join_findings(names: Sequence[str]) -> str:
+    """``"a, b and c"``, in the order given."""
+    if not names:
+        raise ValueError("cannot compose a label text from an empty label set")
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
 
 def compose_label_text(names: Iterable[str]) -> str:
     """``"ECG with a, b and c."`` from English label names (sorted, duplicates removed)."""
-    cleaned = sorted({name.strip().rstrip(".") for name in names if name.strip()}, key=lambda n: (n.casefold(), n))
-    if not cleaned:
-        raise ValueError("cannot compose a label text from an empty label set")
-    if len(cleaned) == 1:
-        findings = cleaned[0]
-    else:
-        findings = ", ".join(cleaned[:-1]) + " and " + cleaned[-1]
-    return f"ECG with {findings}."
+    return f"ECG with {join_findings(_clean_names(names))}."
 
 
 def make_text(entry: RecordEntry, label_names: Mapping[str, str], mode: str) -> str:
@@ -50,5 +76,87 @@ def make_text(entry: RecordEntry, label_names: Mapping[str, str], mode: str) -> 
     if mode == "both" and not (report or label_text):
         raise RecordError("no_report", entry.path, "--text both needs a report or labels and the record has neither",
                           entry.record_id)
-    parts = {"report": [report], "labels": [label_text], "both": [report, label_text]}[mode]
+    parts = {"report": [report], "labels": [label_text], "both": [label_text, report]}[mode]
     return " ".join(part for part in parts if part)
+
+
+# The kinds of text TrainingTextSampler draws, in the order of its weights.
+SAMPLED_TEXT_KINDS = ("report", "findings", "subset", "both")
+
+
+class TrainingTextSampler:
+    """A fresh training text per sample and step, and the findings that text states.
+
+    Kinds (drawn with ``weights``, in :data:`SAMPLED_TEXT_KINDS` order):
+
+    - ``report``: the report as written (states all the record's findings);
+    - ``findings``: all finding names in random order inside a random :data:`FINDING_TEMPLATES`
+      phrasing, so the text tower sees finding phrases on their own, as prompts use them;
+    - ``subset``: the same with a random non-empty subset of the findings; the text's labels are
+      that subset (the loss then targets the overlap of the ECG's findings with the text's);
+    - ``both``: the ``findings`` text followed by the report (findings first: truncation cuts the
+      report, never the findings).
+
+    A kind that cannot be made (no report, no findings) falls back to the other one; a record with
+    neither uses its stored text. Returns ``(text, stated label ids)``.
+
+    Random draws come from a generator seeded per process from torch's seed (which open_clip's loop
+    seeds per rank and the DataLoader per worker), so workers do not repeat each other's texts and
+    a run is reproducible; ``seed`` fixes it instead (tests).
+    """
+
+    def __init__(self, names_by_id: Sequence[str], weights: Sequence[float] = (0.25, 0.25, 0.25, 0.25),
+                 seed: Optional[int] = None):
+        if len(weights) != len(SAMPLED_TEXT_KINDS) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"text weights must be {len(SAMPLED_TEXT_KINDS)} non-negative numbers "
+                             f"({', '.join(SAMPLED_TEXT_KINDS)}) with a positive sum, got {list(weights)}")
+        self.names_by_id = [name.strip().rstrip(".") for name in names_by_id]
+        self.weights = [float(w) for w in weights]
+        self.seed = seed
+        self._rng, self._pid = None, None
+
+    @property
+    def rng(self) -> random.Random:
+        if self._pid != os.getpid():  # first use in this process (a DataLoader worker, say)
+            self._rng = random.Random(self.seed if self.seed is not None else torch.initial_seed())
+            self._pid = os.getpid()
+        return self._rng
+
+    def __call__(self, stored_text: str, report: Optional[str], label_ids: Sequence[int]) -> Tuple[str, List[int]]:
+        report = (report or "").strip()
+        ids = list(dict.fromkeys(int(i) for i in label_ids))
+        kind = self.rng.choices(SAMPLED_TEXT_KINDS, weights=self.weights)[0]
+        if not ids:
+            return (report or stored_text), ids
+        if kind == "report" and report:
+            return report, ids
+        if kind == "subset":
+            ids = self.rng.sample(ids, self.rng.randint(1, len(ids)))
+        else:
+            ids = self.rng.sample(ids, len(ids))  # random order
+        findings = self.rng.choice(FINDING_TEMPLATES).format(join_findings([self.names_by_id[i] for i in ids]))
+        if kind == "both" and report:
+            return f"{findings} {report}", sorted(ids)
+        return findings, sorted(ids)
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of `text` before an open_clip tokenizer truncates it (start/end tokens included)."""
+    if hasattr(tokenizer, "encode"):  # open_clip's SimpleTokenizer (CLIP BPE): + <start>, <end>
+        return len(tokenizer.encode(text)) + 2
+    return len(tokenizer.tokenizer(text)["input_ids"])  # open_clip's HFTokenizer
+
+
+def truncation_counts(tokenizer, texts: Iterable[Tuple[str, str]]) -> Dict[str, int]:
+    """How many (text, findings sentence) pairs exceed the tokenizer's context, and how many of
+    those lose part of the findings sentence itself (it comes first, so only a sentence longer than
+    the context can be cut)."""
+    context = tokenizer.context_length
+    counts = {"texts": 0, "truncated": 0, "findings_cut": 0, "context_length": int(context)}
+    for text, findings in texts:
+        counts["texts"] += 1
+        if token_count(tokenizer, text) > context:
+            counts["truncated"] += 1
+            if findings and token_count(tokenizer, findings) > context:
+                counts["findings_cut"] += 1
+    return counts

@@ -1,0 +1,36 @@
+"""The PTB-XL zero-shot study script end to end on the small real PTB-XL sample (--quick)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, shared_data_dir
+
+PTBXL = shared_data_dir() / "ptbxl"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (PTBXL / "ptbxl_database.csv").exists(), reason="no ../shared/data/ptbxl")
+def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, str(REPO / "scripts" / "ptbxl_zeroshot_study.py"), "--ptbxl", str(PTBXL),
+               "--out", str(out), "--quick"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "study.json").read_text())
+    best = result["selection_best"]
+    assert best["setting"] in ("stored-text", "sampled-text")
+    assert all(0 <= v <= 1 for v in best["fold7_macro_auroc"].values() if v is not None)
+    assert {run["targets"] for run in result["runs"].values()} == {"jaccard", "identity"}
+    for run in result["runs"].values():
+        assert set(run["tasks"]) == {"ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"}
+    assert set(result["supervised"]) == {"ptbxl-super", "ptbxl-rhythm"}
+    for task, difference in result["jaccard_minus_identity"].items():
+        low, high = difference["interval"]
+        assert low <= high and -1 <= difference["difference"] <= 1, task
+    table = (out / "study.md").read_text()
+    assert "Selection on fold 7" in table and "| supervised BCE |" in table and "Paired difference" in table
+    # a re-run reuses every checkpoint and score: nothing is trained again
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "Start epoch" not in again.stderr + again.stdout

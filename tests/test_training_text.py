@@ -1,0 +1,85 @@
+"""Training texts: the finding sentence survives tokenisation, per-step sampling states its findings."""
+import open_clip
+import pytest
+import torch
+
+import open_clip_ecg  # noqa: F401  (registers the ECG configs)
+from open_clip_ecg.data.record import RecordEntry
+from open_clip_ecg.data.text import (
+    FINDING_TEMPLATES,
+    TrainingTextSampler,
+    make_text,
+    token_count,
+    truncation_counts,
+)
+
+NAMES = ["first degree AV block", "atrial fibrillation", "left ventricular hypertrophy", "sinus rhythm"]
+LONG_REPORT = " ".join(["sinusrhythmus linkstyp periphere niederspannung unspezifische st-strecken-senkung"] * 12)
+
+
+@pytest.mark.parametrize("model", ["ECG-RN18-CLIPText", "ECG-RN18-MiniLM"])
+def test_the_finding_sentence_is_in_the_tokens_of_a_long_report(model):
+    tokenizer = open_clip.get_tokenizer(model)
+    entry = RecordEntry("r1", "p1", "path", labels=["AFIB", "LVH"], report=LONG_REPORT)
+    text = make_text(entry, {"AFIB": "atrial fibrillation", "LVH": "left ventricular hypertrophy"}, "both")
+    sentence = "ECG with atrial fibrillation and left ventricular hypertrophy."
+    assert token_count(tokenizer, text) > tokenizer.context_length  # the report alone overflows
+    tokens = tokenizer([text])[0].tolist()
+    sentence_tokens = [t for t in tokenizer([sentence])[0].tolist() if t != 0]
+    inner = sentence_tokens[1:-1]  # without the start/end (CLS/SEP) tokens
+    assert any(tokens[i:i + len(inner)] == inner for i in range(len(tokens))), "finding sentence was cut"
+    counts = truncation_counts(tokenizer, [(text, sentence), (sentence, sentence)])
+    assert counts == {"texts": 2, "truncated": 1, "findings_cut": 0, "context_length": tokenizer.context_length}
+
+
+def test_truncation_counts_a_findings_sentence_longer_than_the_context():
+    tokenizer = open_clip.get_tokenizer("ECG-RN18-CLIPText")
+    sentence = "ECG with " + " and ".join(NAMES * 8) + "."
+    assert truncation_counts(tokenizer, [(sentence, sentence)])["findings_cut"] == 1
+
+
+def test_sampled_texts_cover_every_kind_and_state_their_findings():
+    sampler = TrainingTextSampler(NAMES, seed=0)
+    seen = {"report": 0, "subset": 0, "all": 0, "both": 0}
+    for _ in range(400):
+        text, stated = sampler("stored text", "sinusrhythmus", [1, 2, 3])
+        assert set(stated) <= {1, 2, 3} and stated == sorted(stated) and stated
+        if text == "sinusrhythmus":
+            seen["report"] += 1
+            assert stated == [1, 2, 3]
+            continue
+        named = [i for i, name in enumerate(NAMES) if name in text]
+        assert named == stated, (text, stated)  # the text names exactly the findings it states
+        assert any(text.startswith(t.split("{}")[0]) for t in FINDING_TEMPLATES)
+        if text.endswith("sinusrhythmus"):
+            seen["both"] += 1
+        elif len(stated) < 3:
+            seen["subset"] += 1
+        else:
+            seen["all"] += 1
+    assert all(n > 30 for n in seen.values()), seen
+    orders = {sampler("", None, [1, 2, 3])[0] for _ in range(200)}
+    assert len(orders) > 10  # random order and phrasing, not one fixed sentence
+
+
+def test_sampler_falls_back_without_report_or_findings():
+    sampler = TrainingTextSampler(NAMES, weights=(1, 0, 0, 0), seed=0)
+    text, stated = sampler("stored", None, [0])
+    assert "first degree AV block" in text and stated == [0]  # no report: a findings text
+    assert sampler("stored", None, []) == ("stored", [])
+    assert sampler("stored", "ein bericht", []) == ("ein bericht", [])
+
+
+def test_sampler_is_reproducible_with_a_seed_and_differs_per_torch_seed():
+    draws = lambda s: [s("", "r", [0, 1, 2, 3]) for _ in range(20)]  # noqa: E731
+    assert draws(TrainingTextSampler(NAMES, seed=3)) == draws(TrainingTextSampler(NAMES, seed=3))
+    torch.manual_seed(1)
+    first = draws(TrainingTextSampler(NAMES))
+    torch.manual_seed(2)
+    assert draws(TrainingTextSampler(NAMES)) != first
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (-1, 1, 1, 1), (0, 0, 0, 0)])
+def test_sampler_rejects_bad_weights(weights):
+    with pytest.raises(ValueError, match="text weights"):
+        TrainingTextSampler(NAMES, weights=weights)
