@@ -1,0 +1,210 @@
+"""What broke when the tools were attacked as a hostile but realistic user would (issue 11): bad
+encodings, absurd sampling rates, hostile shards and checkpoints, runs that write nothing, kills
+between write and rename, training on nothing. One test (at least) per case."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import shared_data_dir
+from open_clip_ecg.data import preprocess
+from open_clip_ecg.data.readers.csv import CSVReader
+from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
+from open_clip_ecg.data.shards import ShardOptions, write_shards
+from open_clip_ecg.data.synthetic import write_synthetic_dataset
+
+SHARED = shared_data_dir()
+OPTIONS = dict(shard_size=4, split_by="patient", val_fraction=0.2, test_fraction=0.2, progress=False)
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([shutil.which("open-clip-ecg") or "open-clip-ecg", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def synth_csv(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synth"), 12, seed=3, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reports that are not valid UTF-8
+# ---------------------------------------------------------------------------------------------
+
+def latin1_index(synth_csv: Path, target: Path, suffix: str) -> Path:
+    """The synthetic index as CSV or JSONL, with row 3's report in Latin-1 bytes."""
+    with open(synth_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    rows[2]["report"] = "Sinusrhythmus \u00fcberall"
+    for row in rows:
+        row["path"] = str(synth_csv.parent / row["path"])
+    if suffix == ".csv":
+        lines = [",".join(rows[0])] + [",".join(f'"{v}"' for v in row.values()) for row in rows]
+    else:
+        lines = [json.dumps(row, ensure_ascii=False) for row in rows]
+    data = b"".join((line + "\n").encode("latin-1" if "\u00fc" in line else "utf-8") for line in lines)
+    path = target / f"index{suffix}"
+    path.write_bytes(data)
+    return path, rows[2]["id"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_latin1_row_is_skipped_and_counted_naming_file_line_and_record(synth_csv, tmp_path, suffix):
+    index, bad_id = latin1_index(synth_csv, tmp_path, suffix)
+    manifest = write_shards(CSVReader(index), tmp_path / "out", ShardOptions(**OPTIONS))
+    assert manifest["records"] == {"listed": 12, "written": 11, "skipped": 1}
+    assert manifest["skip_counts"] == {"bad_encoding": 1}
+    skip = manifest["skipped"][0]
+    assert skip["record_id"] == bad_id
+    line = 4 if suffix == ".csv" else 3  # the CSV has a header line
+    assert f"{index}:{line}: column 'report' is not valid" in skip["detail"] and "0xfc" in skip["detail"]
+
+
+def test_the_cli_honours_encoding_and_reports_the_skip_otherwise(synth_csv, tmp_path):
+    index, bad_id = latin1_index(synth_csv, tmp_path, ".csv")
+    result = run_cli("shards", "--format", "csv", "--input", index, "--output", tmp_path / "utf8", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "bad_encoding=1" in result.stderr and f"(record {bad_id}): bad_encoding: {index}:4:" in result.stderr
+    result = run_cli("shards", "--format", "csv", "--input", index, "--output", tmp_path / "latin1", "--no-progress",
+                     "--encoding", "latin-1")  # the other rows are ASCII: valid Latin-1 too
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "latin1" / "manifest.json").read_text())
+    assert manifest["records"]["written"] == 12 and "no records skipped" in result.stderr
+    result = run_cli("shards", "--format", "csv", "--input", index, "--output", tmp_path / "x", "--encoding", "klingon")
+    assert result.returncode == 2 and "unknown text encoding 'klingon'" in result.stderr
+
+
+def test_a_label_names_file_that_is_not_utf8_is_named(tmp_path):
+    names = tmp_path / "names.csv"
+    names.write_bytes("code,name\nSR,Sinusrhythmus \u00fcberall\n".encode("latin-1"))
+    (tmp_path / "index.csv").write_text("path,report,labels\n")
+    with pytest.raises(ValueError, match=r"names\.csv: not valid UTF-8"):
+        CSVReader(tmp_path / "index.csv", label_names=names)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Absurd sampling rates
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rate", [0.01, 0.1, 1.0, 20000.0])
+def test_rates_outside_the_range_are_skipped_before_any_resampling(rate, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("resampled a record whose rate is out of range")
+
+    monkeypatch.setattr(preprocess, "resample", refuse)
+    entry = RecordEntry("r1", "/data/r1", "p1")
+    record = ECGRecord(entry, np.random.default_rng(0).standard_normal((12, 2000)).astype(np.float32) * 0.3 + 0,
+                       rate, list(preprocess.STANDARD_LEADS))
+    with pytest.raises(RecordError) as err:
+        preprocess.preprocess_record(record, 500, 10, min_seconds=0.0001)
+    assert err.value.reason == "sampling_rate" and "outside the supported 50-10000 Hz" in str(err.value)
+
+
+def test_a_1hz_wfdb_record_becomes_a_counted_skip(synth_csv, tmp_path):
+    import wfdb
+
+    with open(synth_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    record = wfdb.rdrecord(str(synth_csv.parent / rows[0]["path"]))
+    wfdb.wrsamp("slow", fs=1, units=record.units, sig_name=record.sig_name, p_signal=record.p_signal[:1000],
+                fmt=record.fmt, write_dir=str(tmp_path))
+    rows[0]["path"] = str(tmp_path / "slow")
+    for row in rows[1:]:
+        row["path"] = str(synth_csv.parent / row["path"])
+    index = tmp_path / "index.csv"
+    with open(index, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    manifest = write_shards(CSVReader(index), tmp_path / "out", ShardOptions(**OPTIONS))
+    assert manifest["skip_counts"] == {"sampling_rate": 1} and manifest["records"]["written"] == 11
+
+
+@pytest.mark.parametrize("rate", [1.0, 20000.0])
+def test_target_rates_outside_the_range_are_refused(rate):
+    with pytest.raises(ValueError, match="outside the supported"):
+        ShardOptions(sampling_rate=rate).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. A run that writes nothing fails
+# ---------------------------------------------------------------------------------------------
+
+def test_a_run_that_writes_nothing_exits_non_zero_with_the_dominant_reason(synth_csv, tmp_path):
+    with open(synth_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["labels"], row["path"] = "", str(synth_csv.parent / row["path"])
+    index = tmp_path / "nolabels.csv"
+    with open(index, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run_cli("shards", "--format", "csv", "--input", index, "--output", tmp_path / "out", "--text", "labels",
+                     "--no-progress")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: wrote 0 samples: all 12 records were skipped, most as no_labels (12)")
+    assert "wrong --format" in last
+
+
+@pytest.mark.skipif(not (SHARED / "ptbxl" / "ptbxl_database.csv").exists(), reason="PTB-XL sample absent")
+def test_cinc_format_on_a_ptbxl_folder_fails(tmp_path):
+    result = run_cli("shards", "--format", "cinc", "--input", SHARED / "ptbxl", "--output", tmp_path, "--no-progress")
+    assert result.returncode == 1, result.stderr
+    assert "error: wrote 0 samples" in result.stderr and "--format cinc" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Temporaries of killed processes
+# ---------------------------------------------------------------------------------------------
+
+KILL_BETWEEN_WRITE_AND_RENAME = """
+import os, sys
+import open_clip_ecg.atomic as atomic
+from open_clip_ecg.data.readers.csv import CSVReader
+from open_clip_ecg.data.shards import ShardOptions, write_shards
+target, index, out = sys.argv[1:4]
+replace = os.replace
+def killed(src, dst):
+    if os.path.basename(dst) == target:
+        os.kill(os.getpid(), 9)  # killed after the temporary is written, before the rename
+    replace(src, dst)
+atomic.os = type(os)("os_overlay")
+atomic.os.__dict__.update(os.__dict__, replace=killed)
+write_shards(CSVReader(index), out, ShardOptions(shard_size=4, split_by="patient", val_fraction=0.2,
+                                                  test_fraction=0.2, progress=False))
+"""
+
+
+@pytest.mark.parametrize("target", ["progress.json", "manifest.json"])
+def test_a_kill_between_write_and_rename_leaves_nothing_after_the_rerun(synth_csv, tmp_path, target):
+    reference = tmp_path / "reference"
+    write_shards(CSVReader(synth_csv), reference, ShardOptions(**OPTIONS))
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=SRC)
+    result = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITE_AND_RENAME, target, str(synth_csv), str(out)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -9, result.stderr
+    assert [p.name for p in out.glob(f"{target}.tmp*")]  # the kill left its temporary
+    write_shards(CSVReader(synth_csv), out, ShardOptions(**OPTIONS))
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+    assert all((out / p.name).read_bytes() == p.read_bytes() for p in reference.iterdir())
+
+
+def test_temporaries_of_live_processes_are_left_alone(tmp_path):
+    from open_clip_ecg.atomic import remove_stale_temps
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f"epoch_1.pt.tmp{int(dead.stdout)}").write_bytes(b"partial")
+    (tmp_path / f"epoch_2.pt.tmp{os.getpid()}").write_bytes(b"being written")
+    (tmp_path / "notes.tmp").write_text("not ours")
+    assert remove_stale_temps(tmp_path) == [f"epoch_1.pt.tmp{int(dead.stdout)}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.tmp", f"epoch_2.pt.tmp{os.getpid()}"])
