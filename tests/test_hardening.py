@@ -2,11 +2,13 @@
 encodings, absurd sampling rates, hostile shards and checkpoints, runs that write nothing, kills
 between write and rename, training on nothing. One test (at least) per case."""
 import csv
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import shared_data_dir
 from open_clip_ecg.data import preprocess
+from open_clip_ecg.data.pipeline import ShardFormatError, expand_shards, iterate_samples, read_shard_info
 from open_clip_ecg.data.readers.csv import CSVReader
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.data.shards import ShardOptions, write_shards
@@ -208,3 +211,171 @@ def test_temporaries_of_live_processes_are_left_alone(tmp_path):
     (tmp_path / "notes.tmp").write_text("not ours")
     assert remove_stale_temps(tmp_path) == [f"epoch_1.pt.tmp{int(dead.stdout)}"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["notes.tmp", f"epoch_2.pt.tmp{os.getpid()}"])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Hostile or malformed shards: one schema check, one error type naming shard and key
+# ---------------------------------------------------------------------------------------------
+
+def npy_header(shape, dtype="<f2") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def hostile_copy(source: Path, target: Path, member: str, data: bytes):
+    """`source`'s shard folder with `member` of the first val sample replaced by `data`; returns
+    (the damaged shard, its first key)."""
+    shutil.copytree(source, target)
+    shard = sorted(target.glob("val-*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar.getmembers()]
+    key = members[0][0].name.split(".", 1)[0]
+    with tarfile.open(shard, "w") as out:
+        for info, payload in members:
+            if info.name == f"{key}.{member}":
+                payload = data
+                info.size = len(data)
+            out.addfile(info, io.BytesIO(payload))
+    return shard, key
+
+
+def hostile_cases(vocabulary):
+    code0, code1 = vocabulary[0]["code"], vocabulary[1]["code"]
+    return {
+        "labels-list": ("labels.json", b"[1, 2]", "must be an object with lists"),
+        "ids-null": ("labels.json", b'{"ids": null, "codes": []}', "must be an object with lists"),
+        "ids-string": ("labels.json", b'{"ids": "12", "codes": ["a", "b"]}', "must be an object with lists"),
+        "ids-float": ("labels.json", json.dumps({"ids": [1.9], "codes": [code1]}).encode(), "not integers"),
+        "ids-bool": ("labels.json", json.dumps({"ids": [True], "codes": [code1]}).encode(), "not integers"),
+        "ids-out-of-range": ("labels.json", json.dumps({"ids": [len(vocabulary)], "codes": ["X"]}).encode(),
+                             "not integers in 0.."),
+        "codes-string": ("labels.json", json.dumps({"ids": [0], "codes": code0}).encode(), "must be an object"),
+        "codes-disagree": ("labels.json", json.dumps({"ids": [0], "codes": [code1]}).encode(),
+                           "disagree with vocabulary.json"),
+        "deep-json": ("meta.json", b"[" * 100000 + b"]" * 100000, "meta.json is not valid JSON: RecursionError"),
+        "nested-json": ("meta.json", b'{"a":' * 40 + b"1" + b"}" * 40, "nested deeper than 32"),
+        "meta-list": ("meta.json", b"[]", "meta.json must be a JSON object"),
+        "npy-21TiB": ("ecg.npy", npy_header((12, 1_000_000_000_000)), "declares float16 (12, 1000000000000)"),
+        "npy-float64": ("ecg.npy", npy_header((12, 1000), "<f8") + bytes(8 * 12000), "declares float64"),
+        "npy-short-data": ("ecg.npy", npy_header((12, 1000)) + bytes(100), "data bytes"),
+        "npy-pickle": ("ecg.npy", npy_header((12, 1000), "|O"), "declares object"),
+        "npy-garbage": ("ecg.npy", b"\x93NUMPY garbage", "not a readable .npy"),
+    }
+
+
+@pytest.fixture(scope="module")
+def vocabulary(synthetic_shards):
+    return json.loads((synthetic_shards / "vocabulary.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(hostile_cases([{"code": "A"}, {"code": "B"}])))
+def test_hostile_samples_raise_one_error_naming_shard_and_key(synthetic_shards, vocabulary, tmp_path, case):
+    member, data, message = hostile_cases(vocabulary)[case]
+    shard, key = hostile_copy(synthetic_shards, tmp_path / "shards", member, data)
+    with pytest.raises(ShardFormatError) as err:
+        list(iterate_samples([str(shard)]))
+    assert f"{shard} (key {key})" in str(err.value) and message in str(err.value)
+
+
+def test_the_untouched_shards_pass_the_schema(synthetic_shards):
+    samples = list(iterate_samples(expand_shards(str(synthetic_shards), split="val")))
+    assert samples and all(s["ecg"].shape == (12, 1000) and s["ecg"].dtype == np.float32 for s in samples)
+
+
+def test_evaluate_on_a_hostile_shard_is_one_line_naming_shard_and_key(synthetic_shards, vocabulary, tmp_path):
+    import open_clip
+    import torch
+
+    torch.save({"state_dict": open_clip.create_model("ECG-RN18-CLIPText").state_dict()}, tmp_path / "m.pt")
+    shard, key = hostile_copy(synthetic_shards, tmp_path / "shards", "labels.json", b'{"ids": "12", "codes": []}')
+    result = run_cli("evaluate", "--model", "ECG-RN18-CLIPText", "--pretrained", tmp_path / "m.pt",
+                     "--data", tmp_path / "shards", "--split", "val", "--task", "labels", "--out", tmp_path / "eval")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{shard} (key {key}): labels.json must be an object" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_manifest_that_is_not_an_object_is_named(synthetic_shards, tmp_path):
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    (tmp_path / "shards" / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="manifest.json lacks numeric options.sampling_rate"):
+        read_shard_info(expand_shards(str(tmp_path / "shards"), split="val"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5, 7. Training refuses a wrong checkpoint and missing shards in one line, before open_clip starts
+# ---------------------------------------------------------------------------------------------
+
+def train_args(shards, logs, name, *extra):
+    return ["--model", "ECG-RN18-CLIPText", "--train-data", str(shards / "train-*.tar"),
+            "--val-data", str(shards / "val-*.tar"), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+            "--lr", "1e-3", "--warmup", "1", "--logs", str(logs), "--name", name, "--seed", "0",
+            "--zeroshot-frequency", "0", "--ecg-seconds", "2.5", *extra]
+
+
+@pytest.mark.parametrize("checkpoint", ["other-model", "not-a-checkpoint"])
+def test_train_pretrained_of_another_model_is_one_line_exit_2(synthetic_shards, tmp_path, checkpoint):
+    import open_clip
+    import torch
+
+    path = tmp_path / "ckpt.pt"
+    if checkpoint == "other-model":
+        torch.save({"state_dict": open_clip.create_model("ECG-RN18-6Lead-CLIPText").state_dict()}, path)
+    else:
+        path.write_bytes(b"this is not a checkpoint")
+    result = run_cli("train", *train_args(synthetic_shards, tmp_path, "x", "--pretrained", path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    expected = "does not match model 'ECG-RN18-CLIPText'" if checkpoint == "other-model" else "cannot read checkpoint"
+    assert last.startswith("open-clip-ecg train: error: ") and expected in last
+
+
+def test_train_on_an_empty_folder_fails_before_open_clip_starts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_cli("train", *train_args(tmp_path / "empty", tmp_path, "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"open-clip-ecg train: error: no shards match '{tmp_path / 'empty' / 'train-*.tar'}'"]
+    assert result.stdout == "" and not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models carry their own preprocessing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_shards, tmp_path_factory):
+    """One short epoch; returns its checkpoints folder."""
+    import open_clip_ecg.train as ecg_train
+
+    logs = tmp_path_factory.mktemp("logs")
+    assert ecg_train.main(train_args(synthetic_shards, logs, "run", "--ecg-normalize", "zscore",
+                                     "--ecg-eval-seconds", "8", "--val-frequency", "0")) == 0
+    return logs / "run" / "checkpoints"
+
+
+@pytest.mark.slow
+def test_checkpoints_record_the_ecg_preprocessing(trained_run, synthetic_shards):
+    import torch
+
+    checkpoint = torch.load(trained_run / "epoch_1.pt", map_location="cpu", weights_only=True)
+    cfg = checkpoint["ecg_preprocess"]
+    vocabulary = json.loads((synthetic_shards / "vocabulary.json").read_text())
+    assert cfg == {"model": "ECG-RN18-CLIPText", "sampling_rate": 100.0, "seconds": 2.5, "eval_seconds": 8.0,
+                   "leads": list(preprocess.STANDARD_LEADS), "normalize": "zscore", "text": "report",
+                   "vocabulary": [{k: v[k] for k in ("id", "code", "name")} for v in vocabulary]}
+
+
+@pytest.mark.slow
+def test_a_killed_checkpoint_save_leaves_nothing_after_resume(trained_run, synthetic_shards, tmp_path):
+    import open_clip_ecg.train as ecg_train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.parent, run)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "checkpoints" / f"epoch_2.pt.tmp{int(dead.stdout)}").write_bytes(b"half a checkpoint")
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "run", "--epochs", "2", "--resume", "latest",
+                                     "--val-frequency", "0")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
