@@ -379,3 +379,128 @@ def test_a_killed_checkpoint_save_leaves_nothing_after_resume(trained_run, synth
     assert ecg_train.main(train_args(synthetic_shards, tmp_path, "run", "--epochs", "2", "--resume", "latest",
                                      "--val-frequency", "0")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+
+
+def ecg_cfg(vocabulary, rate=100.0, normalize="center", model="ECG-RN18-CLIPText"):
+    return {"model": model, "sampling_rate": rate, "seconds": 2.5, "eval_seconds": 10.0,
+            "leads": list(preprocess.STANDARD_LEADS), "normalize": normalize, "text": "report",
+            "vocabulary": [{k: v[k] for k in ("id", "code", "name")} for v in vocabulary]}
+
+
+def save_checkpoint(path, model_name, cfg=None, seed=0):
+    """open_clip_train's checkpoint layout, with the ECG preprocessing when `cfg` is given."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    state = {f"module.{k}": v for k, v in open_clip.create_model(model_name).state_dict().items()}
+    torch.save({"epoch": 1, "name": "run", "state_dict": state, **({"ecg_preprocess": cfg} if cfg else {})}, path)
+    return path
+
+
+def test_export_round_trip_through_local_dir_gives_identical_embeddings(vocabulary, tmp_path):
+    import open_clip
+    import torch
+
+    from open_clip_ecg.embed import load_model
+
+    checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", "ECG-RN18-CLIPText", ecg_cfg(vocabulary, normalize="zscore"))
+    result = run_cli("export", "--model", "ECG-RN18-CLIPText", "--pretrained", checkpoint, "--out", tmp_path / "dir")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["open_clip_config.json",
+                                                                     "open_clip_model.safetensors"]
+    config = json.loads((tmp_path / "dir" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "ecg_resnet1d18"
+    assert config["preprocess_cfg"]["ecg"]["normalize"] == "zscore"
+
+    reference, reference_tokenizer = load_model("ECG-RN18-CLIPText", str(checkpoint))
+    exported = open_clip.create_model(f"local-dir:{tmp_path / 'dir'}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'dir'}")
+    ecg = torch.randn(2, 12, 1000, generator=torch.Generator().manual_seed(0))
+    texts = ["sinus rhythm", "atrial fibrillation"]
+    assert torch.equal(tokenizer(texts), reference_tokenizer(texts))
+    with torch.no_grad():
+        for a, b in zip(exported(ecg, tokenizer(texts)), reference(ecg, reference_tokenizer(texts))):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_export_of_an_hf_text_tower_loads_from_local_dir_and_hf_hub(vocabulary, tmp_path, monkeypatch):
+    import open_clip
+    import open_clip.factory
+    import torch
+
+    import open_clip_ecg
+    from open_clip_ecg.embed import load_model
+    from open_clip_ecg.export import export_model
+
+    name = "ECG-RN18-MiniLM"
+    checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", name, ecg_cfg(vocabulary, model=name))
+    out = export_model(name, str(checkpoint), tmp_path / "dir")
+    assert {"tokenizer_config.json", "config.json", "open_clip_model.safetensors"} <= {p.name for p in out.iterdir()}
+    reference, reference_tokenizer = load_model(name, str(checkpoint))
+    texts = ["sinus rhythm", "left bundle branch block"]
+    with torch.no_grad():
+        expected = reference.encode_text(reference_tokenizer(texts))
+        local = open_clip.create_model(f"local-dir:{out}").eval()
+        assert torch.equal(local.encode_text(open_clip.get_tokenizer(f"local-dir:{out}")(texts)), expected)
+
+        # the Hub serves the same files: open_clip's two download seams answer from the folder
+        monkeypatch.setattr(open_clip.factory, "_get_hf_config",
+                            lambda model_id, cache_dir=None: json.loads((out / "open_clip_config.json").read_text()))
+        monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf",
+                            lambda model_id, *a, **k: str(out / "open_clip_model.safetensors"))
+        hub, _, preprocess_val = open_clip_ecg.create_model_and_transforms("hf-hub:someone/ecg-model")
+        assert torch.equal(hub.encode_text(reference_tokenizer(texts)), expected)
+        assert preprocess_val.cfg == ecg_cfg(vocabulary, model=name)
+
+
+def test_create_model_and_transforms_preprocess_resamples_and_reorders(vocabulary, tmp_path):
+    import torch
+    from scipy.signal import resample_poly
+
+    import open_clip_ecg
+    from open_clip_ecg.data.transforms import build_ecg_transform
+    from open_clip_ecg.export import export_model
+
+    checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", "ECG-RN18-CLIPText", ecg_cfg(vocabulary))
+    export_model("ECG-RN18-CLIPText", str(checkpoint), tmp_path / "dir")
+    model, preprocess_train, preprocess_val = open_clip_ecg.create_model_and_transforms(f"local-dir:{tmp_path / 'dir'}")
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((12, 5000)).astype(np.float32)  # 10 s at 500 Hz, leads in reversed order
+    names = [n.lower() for n in reversed(preprocess.STANDARD_LEADS)]
+    expected = build_ecg_transform(train=False, n_samples=1000)(
+        torch.from_numpy(resample_poly(raw[::-1], 1, 5, axis=-1).astype(np.float32)))
+    assert torch.allclose(preprocess_val(raw, 500, names), expected, atol=1e-5)
+    assert preprocess_train(torch.from_numpy(raw), 500, names).shape == (12, 250)
+    with torch.no_grad():
+        assert model.encode_image(preprocess_val(raw, 500, names)[None]).shape == (1, 256)
+    with pytest.raises(ValueError, match="outside the supported"):
+        preprocess_val(raw, 0.1, names)
+
+
+def test_a_model_trained_at_another_rate_is_refused_by_embed_and_evaluate(synthetic_shards, vocabulary, tmp_path):
+    checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", "ECG-RN18-CLIPText", ecg_cfg(vocabulary, rate=500.0))
+    for command in (["embed"], ["evaluate", "--task", "labels"]):
+        result = run_cli(*command, "--model", "ECG-RN18-CLIPText", "--pretrained", checkpoint,
+                         "--data", synthetic_shards, "--split", "test", "--out", tmp_path / command[0])
+        assert result.returncode == 2, result.stderr
+        assert (f"the model was trained on 500 Hz ECGs but the shards in {synthetic_shards} are 100 Hz: write them "
+                "with `open-clip-ecg shards --sampling-rate 500`") in result.stderr.strip().splitlines()[-1]
+
+
+def test_the_recorded_crop_and_normalisation_are_applied(synthetic_shards, vocabulary, tmp_path):
+    import torch
+
+    from open_clip_ecg.data.pipeline import make_eval_loader
+    from open_clip_ecg.embed import embed_shards, load_model
+    from open_clip_ecg.zeroshot import encode_ecg
+
+    cfg = dict(ecg_cfg(vocabulary, normalize="zscore"), eval_seconds=4.0)
+    model, _ = load_model("ECG-RN18-CLIPText", str(save_checkpoint(tmp_path / "e.pt", "ECG-RN18-CLIPText", cfg)))
+    shards = expand_shards(str(synthetic_shards), split="test")
+    embedded = embed_shards(model, shards)
+    assert embedded.n_samples == 400
+    batch = next(iter(make_eval_loader(shards, n_samples=400, batch_size=1000, normalize="zscore")))
+    with torch.no_grad():
+        np.testing.assert_allclose(embedded.embeddings, encode_ecg(model, batch["ecg"]).numpy(), atol=1e-5)
