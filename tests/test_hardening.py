@@ -504,3 +504,19 @@ def test_the_recorded_crop_and_normalisation_are_applied(synthetic_shards, vocab
     batch = next(iter(make_eval_loader(shards, n_samples=400, batch_size=1000, normalize="zscore")))
     with torch.no_grad():
         np.testing.assert_allclose(embedded.embeddings, encode_ecg(model, batch["ecg"]).numpy(), atol=1e-5)
+
+
+def test_a_mimic_report_that_is_not_utf8_is_a_counted_skip(tmp_path):
+    from test_readers import write_mimic_fixture
+
+    from open_clip_ecg.data.readers import get_reader
+
+    write_mimic_fixture(tmp_path / "mimic")
+    path = tmp_path / "mimic" / "machine_measurements.csv"
+    path.write_bytes(path.read_bytes().replace(b"Normal ECG", b"Sinusrhythmus \xfcberall"))
+    manifest = write_shards(get_reader("mimic-iv-ecg", tmp_path / "mimic"), tmp_path / "out",
+                            ShardOptions(progress=False, split_by="patient", val_fraction=0, test_fraction=0))
+    assert manifest["skip_counts"] == {"bad_encoding": 1, "no_report": 1}  # one study has no measurements
+    skip = next(s for s in manifest["skipped"] if s["reason"] == "bad_encoding")
+    assert skip["record_id"] == "mimic_44458630" and manifest["records"]["written"] == 1
+    assert f"{path}:3: column 'report_1' is not valid UTF-8 (byte 0xfc)" in skip["detail"]

@@ -30,18 +30,17 @@ import codecs
 import csv
 import json
 import os
-import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Union
 
 from ..record import ECGRecord, RecordEntry
+from .encoding import bad_encoding_defect, readable, undecodable_column
 from .wfdb_io import read_wfdb
 
 REQUIRED_COLUMNS = ("path", "report", "labels")
 OPTIONAL_COLUMNS = ("patient", "split", "fold", "id")
 SPLITS = ("train", "val", "test")
 LABEL_NAMES_FILES = ("label_names.csv", "label_names.json")
-_UNDECODABLE = re.compile("[\udc80-\udcff]")  # bytes kept by errors="surrogateescape"
 
 
 def read_label_names(path: Union[str, os.PathLike]) -> Dict[str, str]:
@@ -129,7 +128,7 @@ class CSVReader:
         seen: Dict[str, int] = {}
         for line_no, row in self._rows():
             where = f"{self.path}:{line_no}"
-            undecodable = _undecodable_column(row)
+            undecodable = undecodable_column(row)
             if undecodable is not None:
                 yield self._undecodable_entry(row, where, *undecodable)
                 continue
@@ -160,12 +159,10 @@ class CSVReader:
 
     def _undecodable_entry(self, row: dict, where: str, column: str, byte: int) -> RecordEntry:
         """A row with bytes invalid in the index's encoding: listed (so it is counted), never loaded."""
-        raw_path = _readable(row.get("path"))
-        record_id = _readable(row.get("id")) or raw_path or where
-        detail = (f"{where}: column {column!r} is not valid {self.encoding} (byte 0x{byte:02x}); "
-                  "if the whole file uses another encoding, pass it with --encoding (e.g. latin-1)")
+        raw_path = readable(row.get("path"))
+        record_id = readable(row.get("id")) or raw_path or where
         return RecordEntry(record_id=record_id, path=str(self.root / raw_path) if raw_path else str(self.path),
-                           patient_id=record_id, defect=("bad_encoding", detail))
+                           patient_id=record_id, defect=bad_encoding_defect(where, column, byte, self.encoding))
 
     def load(self, entry: RecordEntry) -> ECGRecord:
         signal, fs, lead_names = read_wfdb(entry.path, entry.record_id)
@@ -177,18 +174,3 @@ def _parse_labels(value) -> List[str]:
     items = value if isinstance(value, list) else str(value or "").split(";")
     return list(dict.fromkeys(str(code).strip() for code in items if str(code).strip()))
 
-
-def _readable(value) -> str:
-    """Text with undecodable bytes shown as U+FFFD (for ids and messages)."""
-    text = str(value or "").strip()
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def _undecodable_column(row: dict) -> Optional[tuple]:
-    """(column, first bad byte) of the first value holding undecodable bytes, or None."""
-    for column, value in row.items():
-        for text in (value if isinstance(value, list) else [value]):
-            match = _UNDECODABLE.search(text) if isinstance(text, str) else None
-            if match:
-                return str(column), ord(match.group()) - 0xDC00
-    return None
