@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import json
 import math
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -79,8 +78,8 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     """The vocabulary and sampling rate written beside the first shard.
 
     Returns ``{"vocabulary": [{"id", "code", "name", ...}], "sampling_rate": float,
-    "n_samples": int (stored record length), "directory": str, "text": the text mode}``; a missing or inconsistent file
-    is a ValueError naming it.
+    "n_samples": int (stored record length), "directory": str, "text": the text mode}``; a missing
+    or inconsistent file is a ValueError naming it.
     """
     directory = os.path.dirname(os.path.abspath(shards[0]))
     vocabulary = load_vocabulary(directory)
@@ -108,9 +107,8 @@ def _folder_schema(directory: str, stamp: tuple) -> SampleSchema:
 def shard_schema(shard: str) -> SampleSchema:
     """What the folder of `shard` declares about its samples (cached while its files are unchanged)."""
     directory = os.path.dirname(os.path.abspath(shard))
-    stamp = tuple(os.stat(os.path.join(directory, name)).st_mtime_ns if os.path.exists(os.path.join(directory, name))
-                  else None for name in ("manifest.json", "vocabulary.json"))
-    return _folder_schema(directory, stamp)
+    paths = [os.path.join(directory, name) for name in ("manifest.json", "vocabulary.json")]
+    return _folder_schema(directory, tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,12 +242,16 @@ def _count_samples(shards: Sequence[str]) -> Optional[int]:
     sizes_path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), "sizes.json")
     if not os.path.exists(sizes_path):
         return None
-    with open(sizes_path, encoding="utf-8") as f:
-        sizes = json.load(f)
+    with open(sizes_path, "rb") as f:
+        sizes = load_json(f.read(), sizes_path, "sizes.json")
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{sizes_path} must map shard names to sample counts")
     try:
         return sum(int(sizes[os.path.basename(s)]) for s in shards)
     except KeyError as e:
         raise ValueError(f"{sizes_path} has no entry for shard {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{sizes_path} holds a sample count that is not an integer: {e}") from e
 
 
 def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
