@@ -158,10 +158,10 @@ def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: 
     """ECG embeddings of every record of `shards` (paths or a spec), with keys, codes and meta, prepared
     as the model's recorded preprocessing says (module docstring)."""
     shards = expand_shards(shards)
-    trained = getattr(model, "ecg_preprocess", None)
-    check_shards_fit(trained, read_shard_info(shards))
-    if seconds is None and trained is not None:
-        seconds = trained["eval_seconds"]
+    trained, info = getattr(model, "ecg_preprocess", None), read_shard_info(shards)
+    check_shards_fit(trained, info)
+    if seconds is None and trained is not None:  # the validation crop, or all of shorter records
+        seconds = min(float(trained["eval_seconds"]), info["n_samples"] / info["sampling_rate"])
     n_samples, rate = crop_length(shards, seconds)
     embeddings, records = map_shards(
         lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),

@@ -21,7 +21,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.preprocess import SAMPLING_RATE_RANGE, resample
+from .data.preprocess import resample, sampling_rate_problem
 from .data.transforms import build_ecg_transform
 from .leads import LEAD_SETS, lead_indices
 
@@ -78,9 +78,8 @@ class ECGPreprocess:
         if signal.ndim != 2 or signal.shape[0] != len(lead_names):
             raise ValueError(f"expected a [leads, samples] signal with one row per lead name; got shape "
                              f"{signal.shape} and {len(lead_names)} lead names")
-        low, high = SAMPLING_RATE_RANGE
-        if not low <= float(sampling_rate) <= high:
-            raise ValueError(f"sampling rate {float(sampling_rate):g} Hz is outside the supported {low:g}-{high:g} Hz")
+        if sampling_rate_problem(sampling_rate):
+            raise ValueError(f"sampling rate {sampling_rate_problem(sampling_rate)}")
         signal = signal[lead_indices(lead_names, self.cfg["leads"])].astype(np.float32)
         if not np.isfinite(signal).all():
             raise ValueError("the signal holds NaN or inf values")

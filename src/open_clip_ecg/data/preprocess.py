@@ -67,6 +67,12 @@ _LIMB_FROM_I_II = {
 }
 
 
+def sampling_rate_problem(rate: float) -> Optional[str]:
+    """Why `rate` is not a supported ECG sampling rate (None when it is)."""
+    low, high = SAMPLING_RATE_RANGE
+    return None if low <= float(rate) <= high else f"{float(rate):g} Hz is outside the supported {low:g}-{high:g} Hz"
+
+
 def _error(record: ECGRecord, reason: str, detail: str) -> RecordError:
     return RecordError(reason, record.entry.path, detail, record.entry.record_id)
 
@@ -154,10 +160,9 @@ def preprocess_record(record: ECGRecord, sampling_rate: float, seconds: float,
                      f"{len(record.lead_names)} lead names {record.lead_names}")
     if not record.sampling_rate or record.sampling_rate <= 0:
         raise _error(record, "unreadable", f"invalid sampling rate {record.sampling_rate!r}")
-    low, high = SAMPLING_RATE_RANGE
-    if not low <= float(record.sampling_rate) <= high:
-        raise _error(record, "sampling_rate", f"{float(record.sampling_rate):g} Hz is outside the supported "
-                     f"{low:g}-{high:g} Hz")
+    rate_problem = sampling_rate_problem(record.sampling_rate)
+    if rate_problem:
+        raise _error(record, "sampling_rate", rate_problem)
     min_seconds = seconds if min_seconds is None else min_seconds
     duration = signal.shape[1] / float(record.sampling_rate)
     if duration < min_seconds:

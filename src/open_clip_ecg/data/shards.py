@@ -68,7 +68,7 @@ from tqdm import tqdm
 
 from ..atomic import remove_stale_temps, write_text_atomic
 from ..leads import STANDARD_LEADS
-from .preprocess import MISSING_LEAD_POLICIES, SAMPLING_RATE_RANGE, preprocess_record
+from .preprocess import MISSING_LEAD_POLICIES, SAMPLING_RATE_RANGE, preprocess_record, sampling_rate_problem
 from .readers import READERS, get_reader
 from .record import RecordEntry, RecordError
 from .text import TEXT_MODES, make_text
@@ -107,9 +107,8 @@ class ShardOptions:
     def validate(self) -> None:
         if self.sampling_rate <= 0 or self.seconds <= 0:
             raise ValueError(f"sampling rate and seconds must be positive, got {self.sampling_rate}, {self.seconds}")
-        if not SAMPLING_RATE_RANGE[0] <= self.sampling_rate <= SAMPLING_RATE_RANGE[1]:
-            raise ValueError(f"sampling rate {self.sampling_rate:g} Hz is outside the supported "
-                             f"{SAMPLING_RATE_RANGE[0]:g}-{SAMPLING_RATE_RANGE[1]:g} Hz")
+        if sampling_rate_problem(self.sampling_rate):
+            raise ValueError(f"sampling rate {sampling_rate_problem(self.sampling_rate)}")
         if self.split_by is not None and self.split_by not in SPLIT_METHODS:
             raise ValueError(f"unknown split method {self.split_by!r}; expected one of {SPLIT_METHODS}")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
