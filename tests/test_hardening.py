@@ -301,6 +301,19 @@ def test_evaluate_on_a_hostile_shard_is_one_line_naming_shard_and_key(synthetic_
     assert f"{shard} (key {key}): labels.json must be an object" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_train_on_a_hostile_shard_stops_with_an_error_naming_shard_and_key(synthetic_shards, tmp_path, capsys):
+    import open_clip_ecg.train as ecg_train
+
+    shard, key = hostile_copy(synthetic_shards, tmp_path / "shards", "ecg.npy", npy_header((12, 10 ** 12)))
+    args = ["--model", "ECG-RN18-CLIPText", "--train-data", str(tmp_path / "shards" / "train-*.tar"),
+            "--val-data", str(shard), "--batch-size", "8", "--epochs", "1", "--workers", "0", "--logs",
+            str(tmp_path / "logs"), "--zeroshot-frequency", "0", "--ecg-seconds", "2.5"]
+    assert ecg_train.cli_main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"open-clip-ecg train: error: {shard} (key {key}): ecg.npy declares float16")
+
+
 def test_a_manifest_that_is_not_an_object_is_named(synthetic_shards, tmp_path):
     shutil.copytree(synthetic_shards, tmp_path / "shards")
     (tmp_path / "shards" / "manifest.json").write_text("[1, 2]")
