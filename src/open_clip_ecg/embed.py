@@ -2,8 +2,10 @@
 share (shards -> model-ready ECGs -> L2-normalised ECG-tower embeddings, each row with its record).
 
 ECGs are prepared as for validation during training: the selected leads, a centre crop of
-``seconds`` (default: the whole stored record) and the same normalisation
-(:func:`open_clip_ecg.data.pipeline.make_eval_loader`).
+``seconds`` and the same normalisation (:func:`open_clip_ecg.data.pipeline.make_eval_loader`).
+A checkpoint that records its preprocessing (:mod:`open_clip_ecg.model_preprocess`) sets the
+defaults (its validation crop and normalisation) and refuses shards at another sampling rate;
+older checkpoints use the whole stored record and ``center`` normalisation.
 
 CLI::
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from .atomic import write_atomic
 from .data.pipeline import expand_shards, make_eval_loader, read_shard_info
 from .leads import STANDARD_LEADS
+from .model_preprocess import check_shards_fit, read_checkpoint_preprocess
 from .zeroshot import encode_ecg
 
 
@@ -59,7 +61,8 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     checkpoint of another architecture (a RuntimeError listing hundreds of keys, or an
     AttributeError while resizing positional embeddings); any failure is diagnosed here and, if the
     tensors do not fit the model, becomes a ValueError naming both and the differing tensors.
-    ``None`` gives fresh initial weights.
+    ``None`` gives fresh initial weights. The checkpoint's recorded ECG preprocessing (or None) becomes
+    ``model.ecg_preprocess``.
     """
     import open_clip
 
@@ -74,20 +77,21 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     except Exception as err:
         if pretrained is None:
             raise
-        _raise_if_checkpoint_does_not_fit(name, pretrained, err)
+        raise_if_checkpoint_does_not_fit(name, pretrained, err)
         raise
     model.eval()
+    model.ecg_preprocess = read_checkpoint_preprocess(pretrained) if pretrained is not None else None
     return model, open_clip.get_tokenizer(name)
 
 
-def _raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
+def raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
     """ValueError when `pretrained` is unreadable or its tensors are missing, extra or resized for `name`."""
     import open_clip
     from open_clip.factory import load_state_dict
 
     try:
         state = load_state_dict(pretrained, weights_only=True)
-    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as load_err:
+    except Exception as load_err:  # not a checkpoint: torch's unpickler fails in many ways (IndexError, EOFError...)
         raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {load_err}") from err
     expected = open_clip.create_model(name, pretrained_text=False).state_dict()
     missing = sorted(set(expected) - set(state))
@@ -131,12 +135,14 @@ def crop_length(shards: Sequence[str], seconds: Optional[float] = None):
 
 
 def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str], n_samples: int,
-               leads: Sequence[str], batch_size: int = 64, workers: int = 0, desc: str = "ECGs"):
+               leads: Sequence[str], batch_size: int = 64, workers: int = 0, desc: str = "ECGs",
+               normalize: str = "center"):
     """``fn(ecg batch)`` over every record of `shards`: (outputs [N, ...] numpy, records in the same order).
 
     The order is the shards' with ``workers=0``; more workers interleave shards (records stay aligned)."""
     chunks, records = [], ShardRecords([], [], [])
-    loader = make_eval_loader(shards, n_samples=n_samples, batch_size=batch_size, workers=workers, leads=leads)
+    loader = make_eval_loader(shards, n_samples=n_samples, batch_size=batch_size, workers=workers, leads=leads,
+                              normalize=normalize)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):  # bar on terminals only
         chunks.append(fn(batch["ecg"]).detach().cpu().float().numpy())
         records.keys.extend(batch["keys"])
@@ -149,12 +155,18 @@ def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str]
 
 def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: int = 64,
                  workers: int = 0, normalize: bool = True) -> EmbeddedShards:
-    """ECG embeddings of every record of `shards` (paths or a spec), with keys, codes and meta."""
+    """ECG embeddings of every record of `shards` (paths or a spec), with keys, codes and meta, prepared
+    as the model's recorded preprocessing says (module docstring)."""
     shards = expand_shards(shards)
+    trained, info = getattr(model, "ecg_preprocess", None), read_shard_info(shards)
+    check_shards_fit(trained, info)
+    if seconds is None and trained is not None:  # the validation crop, or all of shorter records
+        seconds = min(float(trained["eval_seconds"]), info["n_samples"] / info["sampling_rate"])
     n_samples, rate = crop_length(shards, seconds)
     embeddings, records = map_shards(
         lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),
-        shards, n_samples, model_leads(model), batch_size, workers, desc="embed")
+        shards, n_samples, model_leads(model), batch_size, workers, desc="embed",
+        normalize=trained["normalize"] if trained is not None else "center")
     return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, rate, list(shards))
 
 

@@ -16,9 +16,11 @@ seam                                        why
                                             and a lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
-``open_clip_train.main.torch``              atomic ``torch.save``; DDP that accepts CPU modules
-                                            (upstream passes ``device_ids=[cpu]``, which torch
-                                            rejects)
+``open_clip_train.main.torch``              atomic ``torch.save`` that records the ECG
+                                            preprocessing with each checkpoint and removes
+                                            temporaries of killed saves; DDP that accepts CPU
+                                            modules (upstream passes ``device_ids=[cpu]``, which
+                                            torch rejects)
 ``open_clip_train.data.get_dataset_fn``     ECG shard loaders instead of image loaders
 ``open_clip_train.train.zero_shot_eval``    multi-label zero-shot metrics on the val shards
                                             instead of ImageNet
@@ -45,7 +47,7 @@ import numpy as np
 import open_clip
 import torch
 
-from .atomic import write_atomic
+from .atomic import remove_stale_temps, write_atomic
 from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, truncation_counts
 from .data.pipeline import (
     ECGSamplePreparer,
@@ -57,8 +59,10 @@ from .data.pipeline import (
     read_shard_info,
     unpack_text_and_labels,
 )
+from .embed import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
+from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
 from .registry import list_ecg_models, register_ecg_text_model
 from .towers import lock_image_tower
 from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
@@ -252,7 +256,8 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         normalize=ecg.ecg_normalize,
         amplitude_scale=ecg.ecg_amplitude_scale if is_train else None,
         lead_dropout=ecg.ecg_lead_dropout if is_train else 0.0)
-    if is_train:
+    if is_train:  # what the checkpoints record (see _torch_for_main)
+        ecg.preprocess_cfg = training_preprocess_cfg(args.model, ecg, info)
         names = [v["name"] for v in info["vocabulary"]]
         text_sampler = (TrainingTextSampler(names, ecg.ecg_text_weights) if ecg.ecg_text == "sampled" else None)
         if not hasattr(args, "ecg_truncation"):
@@ -398,8 +403,20 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
 # --------------------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path, *args, **kwargs) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a truncated checkpoint, and
+    temporaries that killed saves left in the folder are removed."""
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)))
     write_atomic(path, lambda tmp: torch.save(obj, tmp, *args, **kwargs))
+
+
+def _checkpoint_saver(ecg_options: argparse.Namespace):
+    """torch.save for open_clip_train.main: its checkpoint dicts carry the ECG preprocessing."""
+    def save(obj, path, *args, **kwargs):
+        preprocess_cfg = getattr(ecg_options, "preprocess_cfg", None)
+        if isinstance(obj, dict) and "state_dict" in obj and preprocess_cfg is not None:
+            obj = {**obj, ECG_PREPROCESS_KEY: preprocess_cfg}
+        atomic_torch_save(obj, path, *args, **kwargs)
+    return save
 
 
 class CPUCapableDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -424,9 +441,9 @@ class _ModuleOverlay(types.ModuleType):
         return getattr(self._base, name)
 
 
-def _torch_for_main() -> types.ModuleType:
+def _torch_for_main(ecg_options: argparse.Namespace) -> types.ModuleType:
     parallel = _ModuleOverlay(torch.nn.parallel, DistributedDataParallel=CPUCapableDistributedDataParallel)
-    return _ModuleOverlay(torch, save=atomic_torch_save, nn=_ModuleOverlay(torch.nn, parallel=parallel))
+    return _ModuleOverlay(torch, save=_checkpoint_saver(ecg_options), nn=_ModuleOverlay(torch.nn, parallel=parallel))
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,7 +489,14 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         # initial values only: --resume and --pretrained weights replace them
         kwargs["init_logit_bias"] = ecg_options.ecg_init_logit_bias
         kwargs["init_logit_scale"] = float(np.log(ecg_options.ecg_init_logit_scale))
-        model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
+        try:
+            model, preprocess_train, preprocess_val = upstream_create_model(*args, **kwargs)
+        except Exception as err:  # --pretrained of another model, or not a checkpoint: one line, exit 2
+            name, pretrained = (list(args) + [None, None])[:2]
+            name, pretrained = kwargs.get("model_name", name), kwargs.get("pretrained", pretrained)
+            if pretrained:
+                raise_if_checkpoint_does_not_fit(name, pretrained, err)
+            raise
         amplifier.watch(model)
         model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
         return enable_label_passing(model), preprocess_train, preprocess_val
@@ -486,7 +510,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         (oc_main, "parse_args", parse_args),
         (oc_main, "create_model_and_transforms", create_model_and_transforms),
         (oc_main, "create_loss", create_loss),
-        (oc_main, "torch", _torch_for_main()),
+        (oc_main, "torch", _torch_for_main(ecg_options)),
         (oc_data, "get_dataset_fn", _ecg_dataset_fn),
         (oc_train, "zero_shot_eval", ecg_zero_shot_eval),
     ]
@@ -501,6 +525,19 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
             setattr(module, name, value)
 
 
+def check_inputs_before_start(open_clip_argv: List[str]) -> None:
+    """Fail on missing shards or checkpoint files before open_clip_train starts (and logs ~250 lines)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in ("--train-data", "--val-data", "--pretrained"):
+        parser.add_argument(flag, default=None)
+    given, _ = parser.parse_known_args(open_clip_argv)
+    for spec in (given.train_data, given.val_data):
+        if spec:
+            read_shard_info(expand_shards(spec))
+    if given.pretrained and not os.path.isfile(given.pretrained):
+        raise ValueError(f"--pretrained {given.pretrained!r} is not a file (ECG models have no pretrained tags)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run open_clip_train.main with the ECG seams; returns its exit status."""
     import open_clip_train.main as oc_main
@@ -513,6 +550,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\nAll other flags are open_clip_train's (python -m open_clip_train.main --help).")
         return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
+    check_inputs_before_start(open_clip_argv)
     root = logging.getLogger()
     root_level, root_handlers = root.level, list(root.handlers)
     try:

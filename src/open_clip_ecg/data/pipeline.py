@@ -8,15 +8,15 @@ Two consumers read the shards written by :mod:`open_clip_ecg.data.shards`:
   sample through batching, device moves and gradient-accumulation caches;
 * evaluation (``make_eval_loader`` / ``iterate_samples``) yields dict batches with keys and meta.
 
-Both share one decoder (:func:`decode_sample`): ``.npy`` is read with ``allow_pickle=False`` and a
-malformed sample raises :class:`ShardFormatError` naming the shard and the key (no silent skips).
+Both share one decoder (:func:`decode_sample`), which checks every sample against what its shard
+folder declares (:mod:`.schema`: array header before allocation, labels against the vocabulary) and
+raises :class:`ShardFormatError` naming the shard and the key (no silent skips, no silent repairs).
 Works with webdataset 0.2.x and 1.x.
 """
 from __future__ import annotations
 
+import functools
 import glob
-import io
-import json
 import math
 import os
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
@@ -33,6 +33,7 @@ from open_clip_train.data import (  # reused as-is: epoch sync and deterministic
 )
 
 from ..leads import STANDARD_LEADS, lead_indices
+from .schema import SampleSchema, ShardFormatError, check_labels, check_meta, load_ecg, load_json
 from .text import TrainingTextSampler
 from .transforms import build_ecg_transform
 from .vocabulary import labels_to_multi_hot, load_vocabulary
@@ -42,10 +43,6 @@ SHARD_SHUFFLE_INITIAL = 500
 SAMPLE_SHUFFLE_SIZE = 2000
 SAMPLE_SHUFFLE_INITIAL = 500
 REQUIRED_MEMBERS = ("ecg.npy", "txt", "labels.json")
-
-
-class ShardFormatError(ValueError):
-    """A shard sample that does not follow the open_clip_ecg sample format."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,22 +79,37 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     """The vocabulary and sampling rate written beside the first shard.
 
     Returns ``{"vocabulary": [{"id", "code", "name", ...}], "sampling_rate": float,
-    "n_samples": int (stored record length), "directory": str}``; a missing or inconsistent file
-    is a ValueError naming it.
+    "n_samples": int (stored record length), "directory": str, "text": the text mode}``; a missing
+    or inconsistent file is a ValueError naming it.
     """
     directory = os.path.dirname(os.path.abspath(shards[0]))
     vocabulary = load_vocabulary(directory)
     manifest_path = os.path.join(directory, "manifest.json")
     if not os.path.exists(manifest_path):
         raise ValueError(f"{manifest_path} is missing: shards must come from `open-clip-ecg shards`")
-    with open(manifest_path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    options = manifest.get("options", {})
-    if not options.get("sampling_rate") or not options.get("seconds"):
-        raise ValueError(f"{manifest_path} lacks options.sampling_rate / options.seconds")
-    rate = float(options["sampling_rate"])
+    with open(manifest_path, "rb") as f:
+        manifest = load_json(f.read(), manifest_path, "manifest.json")
+    options = manifest.get("options") if isinstance(manifest, dict) else None
+    try:
+        rate, seconds = float(options["sampling_rate"]), float(options["seconds"])
+    except (TypeError, KeyError, ValueError):
+        raise ValueError(f"{manifest_path} lacks numeric options.sampling_rate / options.seconds") from None
+    if not (math.isfinite(rate) and math.isfinite(seconds) and rate > 0 and seconds > 0):
+        raise ValueError(f"{manifest_path} declares sampling rate {rate} and seconds {seconds}")
     return {"vocabulary": vocabulary, "sampling_rate": rate,
-            "n_samples": int(round(rate * float(options["seconds"]))), "directory": directory}
+            "n_samples": int(round(rate * seconds)), "directory": directory, "text": options.get("text")}
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_schema(directory: str, stamp: tuple) -> SampleSchema:
+    return SampleSchema.from_shard_info(read_shard_info([os.path.join(directory, "x.tar")]), len(STANDARD_LEADS))
+
+
+def shard_schema(shard: str) -> SampleSchema:
+    """What the folder of `shard` declares about its samples (cached while its files are unchanged)."""
+    directory = os.path.dirname(os.path.abspath(shard))
+    paths = [os.path.join(directory, name) for name in ("manifest.json", "vocabulary.json")]
+    return _folder_schema(directory, tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,28 +117,25 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
 # --------------------------------------------------------------------------------------------
 
 def decode_sample(sample: Dict) -> Dict:
-    """Raw tar members -> {key, ecg float32 [12, T], text, label_ids, label_codes, meta}."""
+    """Raw tar members -> {key, ecg float32 [12, T], text, label_ids, label_codes, meta}, checked
+    against the shard folder's manifest and vocabulary (:mod:`.schema`)."""
     where = f"{sample.get('__url__', '?')} (key {sample.get('__key__', '?')})"
     missing = [m for m in REQUIRED_MEMBERS if m not in sample]
     if missing:
         raise ShardFormatError(f"{where}: sample lacks {missing}; has {sorted(sample)}")
     try:
-        ecg = np.load(io.BytesIO(sample["ecg.npy"]), allow_pickle=False)
-        labels = json.loads(sample["labels.json"])
-        meta = json.loads(sample["meta.json"]) if "meta.json" in sample else {}
+        schema = shard_schema(sample["__url__"])
+    except (KeyError, ValueError) as e:
+        raise ShardFormatError(f"{where}: no shard folder declares this sample's format: {e}") from e
+    ecg = load_ecg(sample["ecg.npy"], schema, where)
+    label_ids, label_codes = check_labels(load_json(sample["labels.json"], where, "labels.json"), schema, where)
+    meta = check_meta(load_json(sample["meta.json"], where, "meta.json"), where) if "meta.json" in sample else {}
+    try:
         text = sample["txt"].decode("utf-8")
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ShardFormatError(f"{where}: cannot decode: {e}") from e
-    if ecg.ndim != 2 or ecg.shape[0] != len(STANDARD_LEADS):
-        raise ShardFormatError(f"{where}: ecg.npy has shape {ecg.shape}, expected [12, samples]")
-    return {
-        "key": sample["__key__"],
-        "ecg": ecg.astype(np.float32),
-        "text": text,
-        "label_ids": [int(i) for i in labels["ids"]],
-        "label_codes": list(labels.get("codes", [])),
-        "meta": meta,
-    }
+    except UnicodeDecodeError as e:
+        raise ShardFormatError(f"{where}: txt is not UTF-8: {e}") from e
+    return {"key": sample["__key__"], "ecg": ecg, "text": text, "label_ids": label_ids,
+            "label_codes": label_codes, "meta": meta}
 
 
 def _is_sample(sample: Dict) -> bool:
@@ -257,12 +266,16 @@ def _count_samples(shards: Sequence[str]) -> Optional[int]:
     sizes_path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), "sizes.json")
     if not os.path.exists(sizes_path):
         return None
-    with open(sizes_path, encoding="utf-8") as f:
-        sizes = json.load(f)
+    with open(sizes_path, "rb") as f:
+        sizes = load_json(f.read(), sizes_path, "sizes.json")
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{sizes_path} must map shard names to sample counts")
     try:
         return sum(int(sizes[os.path.basename(s)]) for s in shards)
     except KeyError as e:
         raise ValueError(f"{sizes_path} has no entry for shard {e}") from e
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{sizes_path} holds a sample count that is not an integer: {e}") from e
 
 
 def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,

@@ -22,18 +22,23 @@ Order of operations and policies (each an argument of :func:`preprocess_record`)
    below ``flat_std_mv`` (default 0.002 mV = 2 µV; real leads in PTB-XL and CinC have >= 13 µV).
    Single flat leads (a detached electrode) are kept: the model sees a flat line.
 
-4. **Too short**: a record shorter than ``min_seconds`` (default: ``seconds``) -> ``too_short``.
+4. **Sampling rate**: a source rate outside ``SAMPLING_RATE_RANGE`` (50 Hz to 10 kHz; ECGs are
+   recorded at 100 Hz to a few kHz) -> ``sampling_rate``, before anything is resampled, so the
+   upsampling factor and the memory per record stay bounded (a 0.01 Hz header would otherwise ask
+   resampling to 500 Hz for a 50,000-fold array).
 
-5. **Resampling** to `sampling_rate` with ``scipy.signal.resample_poly`` (polyphase FIR,
+5. **Too short**: a record shorter than ``min_seconds`` (default: ``seconds``) -> ``too_short``.
+
+6. **Resampling** to `sampling_rate` with ``scipy.signal.resample_poly`` (polyphase FIR,
    anti-aliasing built in); the rate ratio is approximated by a fraction with denominator
    <= 1000 (exact for all common ECG rates).
 
-6. **Fixed length**: longer records are cropped to ``round(sampling_rate * seconds)`` samples,
+7. **Fixed length**: longer records are cropped to ``round(sampling_rate * seconds)`` samples,
    taking the first ones (``crop="start"``, default: deterministic, and the beginning is the
    only part every record has) or the middle ones (``crop="center"``); records shorter than
    that but not shorter than ``min_seconds`` are zero-padded at the end.
 
-7. **float16**: values beyond float16's range (|x| > 65504 mV, physiologically impossible) ->
+8. **float16**: values beyond float16's range (|x| > 65504 mV, physiologically impossible) ->
    ``non_finite``; otherwise cast (resolution ~0.5 µV at 1 mV, ~8 µV at 10 mV).
 """
 from __future__ import annotations
@@ -51,6 +56,7 @@ MISSING_LEAD_POLICIES = ("error", "derive", "zero")
 CROP_RULES = ("start", "center")
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+SAMPLING_RATE_RANGE = (50.0, 10000.0)  # Hz, source and target rates alike
 
 # Limb leads as linear combinations of I and II: name -> (weight of I, weight of II).
 _LIMB_FROM_I_II = {
@@ -59,6 +65,12 @@ _LIMB_FROM_I_II = {
     "aVL": (1.0, -0.5),
     "aVF": (-0.5, 1.0),
 }
+
+
+def sampling_rate_problem(rate: float) -> Optional[str]:
+    """Why `rate` is not a supported ECG sampling rate (None when it is)."""
+    low, high = SAMPLING_RATE_RANGE
+    return None if low <= float(rate) <= high else f"{float(rate):g} Hz is outside the supported {low:g}-{high:g} Hz"
 
 
 def _error(record: ECGRecord, reason: str, detail: str) -> RecordError:
@@ -148,6 +160,9 @@ def preprocess_record(record: ECGRecord, sampling_rate: float, seconds: float,
                      f"{len(record.lead_names)} lead names {record.lead_names}")
     if not record.sampling_rate or record.sampling_rate <= 0:
         raise _error(record, "unreadable", f"invalid sampling rate {record.sampling_rate!r}")
+    rate_problem = sampling_rate_problem(record.sampling_rate)
+    if rate_problem:
+        raise _error(record, "sampling_rate", rate_problem)
     min_seconds = seconds if min_seconds is None else min_seconds
     duration = signal.shape[1] / float(record.sampling_rate)
     if duration < min_seconds:

@@ -8,7 +8,7 @@ or raises :class:`RecordError` with the record's path and a short reason code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +23,8 @@ SKIP_REASONS = (
     "non_finite",      # NaN/inf beyond what the policy repairs
     "no_report",       # text is required but the record has none
     "no_labels",       # labels are required but the record has none
+    "sampling_rate",   # rate outside preprocess.SAMPLING_RATE_RANGE (checked before resampling)
+    "bad_encoding",    # the index row is not valid text in the index's encoding
 )
 
 
@@ -51,6 +53,7 @@ class RecordEntry:
     split: Optional[str] = None         # a split the source dictates (e.g. CSV `split`)
     fold: Optional[int] = None          # a source fold (PTB-XL strat_fold)
     metadata: Dict[str, Any] = field(default_factory=dict)  # JSON-serialisable extras
+    defect: Optional[Tuple[str, str]] = None  # (skip reason, detail) found while listing: never loaded
 
 
 @dataclass

@@ -66,9 +66,9 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import write_text_atomic
+from ..atomic import remove_stale_temps, write_text_atomic
 from ..leads import STANDARD_LEADS
-from .preprocess import MISSING_LEAD_POLICIES, preprocess_record
+from .preprocess import MISSING_LEAD_POLICIES, SAMPLING_RATE_RANGE, preprocess_record, sampling_rate_problem
 from .readers import READERS, get_reader
 from .record import RecordEntry, RecordError
 from .text import TEXT_MODES, make_text
@@ -107,6 +107,8 @@ class ShardOptions:
     def validate(self) -> None:
         if self.sampling_rate <= 0 or self.seconds <= 0:
             raise ValueError(f"sampling rate and seconds must be positive, got {self.sampling_rate}, {self.seconds}")
+        if sampling_rate_problem(self.sampling_rate):
+            raise ValueError(f"sampling rate {sampling_rate_problem(self.sampling_rate)}")
         if self.split_by is not None and self.split_by not in SPLIT_METHODS:
             raise ValueError(f"unknown split method {self.split_by!r}; expected one of {SPLIT_METHODS}")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
@@ -260,6 +262,9 @@ class SampleEncoder:
 
     def __call__(self, item: Tuple[RecordEntry, str]):
         entry, split = item
+        if entry.defect is not None:
+            reason, detail = entry.defect
+            return "skip", _skip_record(entry, split, reason, entry.path, detail)
         try:
             text = make_text(entry, self.label_names, self.options.text)
             record = self.reader.load(entry)
@@ -434,6 +439,7 @@ def write_shards(reader, output_dir, options: Optional[ShardOptions] = None, sou
 
     for stale in [MANIFEST_FILE, SIZES_FILE, VOCABULARY_FILE] + [p.name for p in output_dir.glob("*.tar.tmp")]:
         (output_dir / stale).unlink(missing_ok=True)
+    remove_stale_temps(output_dir)  # progress/manifest temporaries of a killed run
     done = _resumable_shards(output_dir, fingerprint)
     progress = {"fingerprint": fingerprint, "shards": {split: list(done.get(split, [])) for split in SPLITS}}
     encoder = SampleEncoder(reader, options, label_names, ids, root)
@@ -570,6 +576,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--label-names", default=None,
                         help="csv: label names file (.csv with code,name or .json); default label_names.csv/.json "
                              "beside the index")
+    parser.add_argument("--encoding", default=None,
+                        help="csv: text encoding of the index (default UTF-8); rows not valid in it are skipped "
+                             "as bad_encoding")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--workers", type=int, default=1, help="loading/preprocessing processes (default 1)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record (exit status 1)")
@@ -580,8 +589,10 @@ def _reader_options(args) -> dict:
     """Format-specific reader options; an option given for another format is an error."""
     given = {flag: value for flag, value in (("--label-level", args.label_level),
                                              ("--likelihood-threshold", args.likelihood_threshold),
-                                             ("--label-names", args.label_names)) if value is not None}
-    allowed = {"ptbxl": {"--label-level", "--likelihood-threshold"}, "csv": {"--label-names"}}.get(args.format, set())
+                                             ("--label-names", args.label_names),
+                                             ("--encoding", args.encoding)) if value is not None}
+    allowed = {"ptbxl": {"--label-level", "--likelihood-threshold"},
+               "csv": {"--label-names", "--encoding"}}.get(args.format, set())
     wrong = sorted(set(given) - allowed)
     if wrong:
         raise ValueError(f"{', '.join(wrong)} do(es) not apply to --format {args.format}")
@@ -593,7 +604,7 @@ def _reader_options(args) -> dict:
         if args.likelihood_threshold is not None:
             options["likelihood_threshold"] = args.likelihood_threshold
         return options
-    return {"label_names": args.label_names} if args.label_names else {}
+    return {key: value for key, value in (("label_names", args.label_names), ("encoding", args.encoding)) if value}
 
 
 def summarize_skips(manifest: dict, limit: int = 20) -> str:
@@ -608,6 +619,29 @@ def summarize_skips(manifest: dict, limit: int = 20) -> str:
         lines.append(f"  ... and {len(skipped) - limit} more")
     lines.append(f"every skipped record is listed in {MANIFEST_FILE}")
     return "\n".join(lines)
+
+
+# What the dominant skip reason of a run that wrote nothing usually means.
+EMPTY_RUN_HINTS = {
+    "no_labels": "wrong --format for this input, or --text labels on records without labels?",
+    "no_report": "the records have no reports: use --text labels or both",
+    "unreadable": "wrong --format or --input (signal files not where the index says)?",
+    "missing_leads": "try --missing-leads derive or zero",
+    "too_short": "lower --seconds or set --min-seconds",
+    "sampling_rate": f"sampling rates must lie in {SAMPLING_RATE_RANGE[0]:g}-{SAMPLING_RATE_RANGE[1]:g} Hz",
+    "bad_encoding": "pass the index's encoding with --encoding (e.g. latin-1)",
+}
+
+
+def empty_run_message(manifest: dict, fmt: str) -> str:
+    """One line for a run that wrote no sample: the dominant skip reason and what to check."""
+    listed = manifest["records"]["listed"]
+    if not manifest["skip_counts"]:
+        return f"wrote 0 samples of {listed} listed records"
+    reason, n = max(manifest["skip_counts"].items(), key=lambda item: item[1])
+    hint = EMPTY_RUN_HINTS.get(reason, f"see the skipped records in {MANIFEST_FILE}")
+    return (f"wrote 0 samples: all {listed} records were skipped, most as {reason} ({n}) "
+            f"with --format {fmt}; {hint}")
 
 
 def training_flags(manifest: dict, output_dir) -> str:
@@ -640,6 +674,9 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summarize_skips(manifest), file=sys.stderr)
+    if manifest["records"]["written"] == 0:
+        print(f"error: {empty_run_message(manifest, args.format)}", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
     print(f"wrote {manifest['records']['written']} samples ({counts}) in {len(manifest['shards'])} shard(s) "
           f"to {args.output}")

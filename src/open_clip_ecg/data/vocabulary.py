@@ -49,8 +49,8 @@ def load_vocabulary(shard_dir) -> List[dict]:
                          f"contain {VOCABULARY_FILE}")
     try:
         vocabulary = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not valid JSON: {type(err).__name__}: {err}") from None
     if not isinstance(vocabulary, list) or not all(isinstance(e, dict) and {"id", "code", "name"} <= e.keys()
                                                     for e in vocabulary):
         raise ValueError(f"{path}: expected a list of objects with 'id', 'code' and 'name'")

@@ -18,9 +18,15 @@ English label names come from the ``label_names`` option (a mapping, or a ``.jso
 ``{code: name}``, or a ``.csv`` file with ``code`` and ``name`` columns); without the option, a
 ``label_names.csv`` or ``label_names.json`` beside the index file is used if present (the
 synthetic generator writes one). Codes without a name stand for themselves.
+
+The index is read as ``encoding`` (default UTF-8, with or without BOM). A row holding bytes that
+are not valid in it (e.g. a Latin-1 ``\xfc`` in a UTF-8 file) is listed with a ``bad_encoding``
+defect naming the file, line, record and column, so the shard writer skips and counts it instead
+of the whole run failing on one report.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Union
 
 from ..record import ECGRecord, RecordEntry
+from .encoding import bad_encoding_defect, readable, undecodable_column
 from .wfdb_io import read_wfdb
 
 REQUIRED_COLUMNS = ("path", "report", "labels")
@@ -41,6 +48,13 @@ def read_label_names(path: Union[str, os.PathLike]) -> Dict[str, str]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: label names file not found")
+    try:
+        return _read_label_names(path)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
+
+
+def _read_label_names(path: Path) -> Dict[str, str]:
     if path.suffix.lower() == ".json":
         names = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(names, dict):
@@ -57,8 +71,13 @@ def read_label_names(path: Union[str, os.PathLike]) -> Dict[str, str]:
 class CSVReader:
     """Records listed in a CSV/JSONL index (see the module docstring for the columns)."""
 
-    def __init__(self, path, label_names: Optional[Union[str, os.PathLike, Mapping[str, str]]] = None):
+    def __init__(self, path, label_names: Optional[Union[str, os.PathLike, Mapping[str, str]]] = None,
+                 encoding: str = "utf-8-sig"):
         self.path = Path(path).absolute()
+        try:
+            self.encoding = codecs.lookup(encoding).name if encoding != "utf-8-sig" else encoding
+        except LookupError:
+            raise ValueError(f"unknown text encoding {encoding!r} for {self.path}") from None
         self.root = self.path.parent  # relative record paths resolve here
         if not self.path.is_file():
             raise ValueError(f"{self.path}: index file not found")
@@ -78,13 +97,13 @@ class CSVReader:
     def _rows(self) -> Iterator[tuple]:
         """(line number, row dict) pairs; ValueError naming the file when required columns are absent."""
         if self.path.suffix.lower() == ".csv":
-            with self.path.open(newline="", encoding="utf-8-sig") as f:
+            with self.path.open(newline="", encoding=self.encoding, errors="surrogateescape") as f:
                 reader = csv.DictReader(f)
                 self._check_columns(reader.fieldnames or [])
                 for row in reader:
                     yield reader.line_num, row
             return
-        with self.path.open(encoding="utf-8") as f:
+        with self.path.open(encoding=self.encoding, errors="surrogateescape") as f:
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -109,6 +128,10 @@ class CSVReader:
         seen: Dict[str, int] = {}
         for line_no, row in self._rows():
             where = f"{self.path}:{line_no}"
+            undecodable = undecodable_column(row)
+            if undecodable is not None:
+                yield self._undecodable_entry(row, where, *undecodable)
+                continue
             raw_path = str(row["path"] or "").strip()
             if not raw_path:
                 raise ValueError(f"{where}: empty 'path'")
@@ -134,6 +157,13 @@ class CSVReader:
                           if k is not None and k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS},
             )
 
+    def _undecodable_entry(self, row: dict, where: str, column: str, byte: int) -> RecordEntry:
+        """A row with bytes invalid in the index's encoding: listed (so it is counted), never loaded."""
+        raw_path = readable(row.get("path"))
+        record_id = readable(row.get("id")) or raw_path or where
+        return RecordEntry(record_id=record_id, path=str(self.root / raw_path) if raw_path else str(self.path),
+                           patient_id=record_id, defect=bad_encoding_defect(where, column, byte, self.encoding))
+
     def load(self, entry: RecordEntry) -> ECGRecord:
         signal, fs, lead_names = read_wfdb(entry.path, entry.record_id)
         return ECGRecord(entry=entry, signal=signal, sampling_rate=fs, lead_names=lead_names)
@@ -143,3 +173,4 @@ def _parse_labels(value) -> List[str]:
     """Codes from ``'A;B'`` (or a JSON list), stripped, empties and repeats dropped, order kept."""
     items = value if isinstance(value, list) else str(value or "").split(";")
     return list(dict.fromkeys(str(code).strip() for code in items if str(code).strip()))
+

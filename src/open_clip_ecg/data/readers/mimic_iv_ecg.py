@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 from ..record import ECGRecord, RecordEntry
+from .encoding import bad_encoding_defect, readable, undecodable_column
 from .wfdb_io import read_wfdb
 
 REPORT_COLUMNS = [f"report_{i}" for i in range(18)]
@@ -64,13 +65,15 @@ def _number(value: str):
     return int(number) if number.is_integer() else number
 
 
-def _read_csv(path: Path, required) -> Iterator[Dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
+def _read_csv(path: Path, required) -> Iterator[Tuple[int, Dict[str, str]]]:
+    """(line number, row) pairs; bytes that are not UTF-8 survive as surrogates (see .encoding)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as handle:
         rows = csv.DictReader(handle)
         missing = set(required) - set(rows.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: missing MIMIC-IV-ECG columns {sorted(missing)}")
-        yield from rows
+        for row in rows:
+            yield rows.line_num, row
 
 
 class MIMICIVECGReader:
@@ -87,22 +90,35 @@ class MIMICIVECGReader:
         self.report_separator = report_separator
         self.statement_names: Dict[str, str] = {}
 
-    def _machine_measurements(self) -> Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]]:
-        """study_id -> (statements, measurement values), strings interned to keep the index small."""
-        index = {}
+    def _machine_measurements(self) -> Tuple[Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]], Dict[str, tuple]]:
+        """(study_id -> (statements, measurement values), strings interned to keep the index small;
+        study_id -> bad_encoding defect of rows that are not UTF-8)."""
+        index, defects = {}, {}
         path = self.root / "machine_measurements.csv"
-        for row in _read_csv(path, {"study_id", *REPORT_COLUMNS}):
+        for line_no, row in _read_csv(path, {"study_id", *REPORT_COLUMNS}):
+            undecodable = undecodable_column(row)
+            if undecodable is not None:
+                defects[readable(row["study_id"])] = bad_encoding_defect(f"{path}:{line_no}", *undecodable, "UTF-8")
+                continue
             statements = tuple(sys.intern(s.strip()) for s in (row.get(c) or "" for c in REPORT_COLUMNS)
                                if s.strip())
             values = tuple(sys.intern(row.get(c) or "") for c in MEASUREMENT_COLUMNS)
             index[row["study_id"].strip()] = (statements, values)
-        return index
+        return index, defects
 
     def entries(self) -> Iterator[RecordEntry]:
-        measurements = self._machine_measurements()
+        measurements, defects = self._machine_measurements()
         self.statement_names = {}
-        for row in _read_csv(self.root / "record_list.csv", _RECORD_LIST_COLUMNS):
-            study_id = row["study_id"].strip()
+        for line_no, row in _read_csv(self.root / "record_list.csv", _RECORD_LIST_COLUMNS):
+            study_id = readable(row["study_id"])
+            defect = defects.get(study_id)
+            undecodable = undecodable_column(row)
+            if undecodable is not None:
+                defect = bad_encoding_defect(f"{self.root / 'record_list.csv'}:{line_no}", *undecodable, "UTF-8")
+            if defect is not None:
+                yield RecordEntry(record_id=f"mimic_{study_id}", patient_id=readable(row["subject_id"]),
+                                  path=os.path.join(str(self.root), readable(row["path"])), defect=defect)
+                continue
             statements, values = measurements.get(study_id, ((), ()))
             labels = []
             if self.labels == "statements":
