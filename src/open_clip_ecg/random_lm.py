@@ -24,11 +24,13 @@ PAD_TOKEN, EOS_TOKEN = "<|pad|>", "<|endoftext|>"
 def write_random_decoder_lm(folder: Union[str, Path], model_type: str = "qwen3", hidden_size: int = 64,
                             layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate_size: int = 128,
                             vocab_size: int = 320, eos_token: Optional[str] = EOS_TOKEN,
-                            pad_token: Optional[str] = PAD_TOKEN, seed: int = 0, **config_overrides) -> Path:
+                            pad_token: Optional[str] = PAD_TOKEN, seed: int = 0, dtype: torch.dtype = torch.float32,
+                            **config_overrides) -> Path:
     """Write a random `model_type` ('qwen3', 'llama', 'mistral', ...) causal LM to `folder`.
 
     `eos_token` / `pad_token` None leave them out of the tokenizer (to test refusals);
-    `config_overrides` go into the model config (e.g. a wrong ``eos_token_id``).
+    `config_overrides` go into the model config (e.g. a wrong ``eos_token_id``); `dtype` of the
+    saved weights (bfloat16 halves an 8B-shaped folder to 16 GB).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -50,5 +52,5 @@ def write_random_decoder_lm(folder: Union[str, Path], model_type: str = "qwen3",
     settings.update(config_overrides)
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(str(folder))
     return folder
