@@ -112,6 +112,7 @@ class CachedTextTower(nn.Module):
                  context_length: int = 128):
         super().__init__()
         self.text_cache = text_cache
+        self._cache: Optional[TextEmbeddingCache] = None  # opened on first forward
         self.proj = _projection(proj_type, hidden_size, embed_dim)
         self.context_length = context_length
         self.vocab_size = 0  # no token embedding: "tokens" are cache rows
@@ -120,7 +121,9 @@ class CachedTextTower(nn.Module):
         if tokens.ndim != 2 or tokens.shape[1] != 2:
             raise ValueError(f"a cached text tower takes [batch, 2] (row, check) from its CachedTextTokenizer, "
                              f"got shape {tuple(tokens.shape)}: use open_clip.get_tokenizer(<this model>)")
-        embeddings = TextEmbeddingCache.open(self.text_cache).lookup(tokens[:, 0], tokens[:, 1])
+        if self._cache is None:
+            self._cache = TextEmbeddingCache.open(self.text_cache)
+        embeddings = self._cache.lookup(tokens[:, 0], tokens[:, 1])
         return _project(self.proj, embeddings.to(tokens.device))
 
     def lock(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
@@ -145,11 +148,16 @@ class CachedTextTokenizer:
         self.folder, self.text_cache = Path(folder), text_cache
         self.context_length, self.pooling = context_length, pooling
         self._embedder: Optional[LMEmbedder] = None
+        self._opened: Optional[TextEmbeddingCache] = None
 
     def _cache(self) -> TextEmbeddingCache:
-        if Path(self.text_cache, "index.json").is_file():
-            return TextEmbeddingCache.open(self.text_cache)
-        return TextEmbeddingCache.create(self.text_cache, self._lm(self.pooling, self.context_length).cache_model())
+        if self._opened is None:
+            if Path(self.text_cache, "index.json").is_file():
+                self._opened = TextEmbeddingCache.open(self.text_cache)
+            else:
+                self._opened = TextEmbeddingCache.create(self.text_cache,
+                                                         self._lm(self.pooling, self.context_length).cache_model())
+        return self._opened
 
     def _lm(self, pooling: str, context_length: int) -> LMEmbedder:
         if self._embedder is None:
@@ -160,6 +168,9 @@ class CachedTextTokenizer:
         return self._embedder
 
     def _add_missing(self, cache: TextEmbeddingCache, texts: Sequence[str], keys) -> None:
+        if all(cache.row(k) is not None for k in keys):
+            return
+        cache.refresh()  # another process may have added them
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if cache.row(k) is None))
         if not missing:
             return
