@@ -243,3 +243,34 @@ def test_cached_tower_refuses_unlocked_llm_layers(tiny_qwen3, tmp_path):
     name = open_clip_ecg.register_ecg_text_model("ECG-cached-lock", None, base_model=BASE, text_cache=tmp_path / "c")
     with pytest.raises(ValueError, match="needs the live LLM"):
         open_clip.create_model(name).lock_text_tower(2)
+
+
+def test_bad_text_cache_and_llm_folders_are_clear_errors(tiny_qwen3, tmp_path, capsys):
+    from open_clip_ecg.cli import main as cli_main
+
+    with pytest.raises(ValueError, match="is not a text cache"):
+        open_clip_ecg.register_ecg_text_model("ECG-no-cache", None, base_model=BASE, text_cache=tmp_path)
+    assert cli_main(["text-cache", "--text-model", str(tmp_path / "nowhere"), "--shards", str(tmp_path),
+                     "--out", str(tmp_path / "c")]) == 2
+    assert "nowhere does not exist or has no config.json" in capsys.readouterr().err
+
+
+class _Texts(torch.utils.data.Dataset):
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.tokenizer(["a report the cache has never seen"])[0]
+
+
+def test_dataloader_workers_refuse_texts_missing_from_the_cache(tiny_qwen3, tmp_path):
+    """Workers must not each load the LLM: training texts belong in the cache beforehand."""
+    build_text_cache(TEXTS, LMEmbedder(tiny_qwen3), tmp_path / "c", progress=False)
+    name = open_clip_ecg.register_ecg_text_model("ECG-cached-workers", None, base_model=BASE,
+                                                 text_cache=tmp_path / "c")
+    loader = torch.utils.data.DataLoader(_Texts(open_clip.get_tokenizer(name)), num_workers=1)
+    with pytest.raises(ValueError, match="not in the text cache .* run `open-clip-ecg text-cache"):
+        next(iter(loader))
