@@ -24,6 +24,10 @@ towers accept any length. Built-in text transformer: width 256, 4 heads, 4 layer
 (ECG reports are short and the PTB-XL-sized corpora do not support a CLIP-sized text model trained
 from scratch). MiniLM: mean pooling (how all-MiniLM-L6-v2 was trained), open_clip's default 'mlp'
 projection, 128 tokens (its training length).
+
+Decoder-only LLM folders (Qwen3, Llama, Gemma, Mistral, ...; told apart from BERT-likes by their
+``model_type``) get a ``text_cfg`` that :mod:`open_clip_ecg.text_towers` builds: the live LLM, or
+with ``text_cache`` its cached embeddings (see :mod:`open_clip_ecg.text_cache`).
 """
 import atexit
 import importlib.resources

@@ -22,7 +22,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,27 +123,30 @@ class TextEmbeddingCache:
         parts = self._read_index(self.folder)["parts"]
         if parts[:len(self.parts)] != self.parts:
             raise ValueError(f"{self.folder / _INDEX} was rewritten under this process; reopen the cache")
-        for name in parts[len(self.parts):]:
-            self._load_part(name)
+        self._load_parts(parts[len(self.parts):])
 
-    def _load_part(self, name: str) -> None:
-        path = self.folder / name
-        try:
-            tensors = load_file(str(path))
-            embeddings, keys = tensors["embeddings"], tensors["keys"]
-        except (OSError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{path}: unreadable cache part ({e}); delete it from {_INDEX} and re-run "
-                             "text-cache") from e
-        if embeddings.shape != (len(keys), self.model["hidden_size"]) or keys.shape[1:] != (32,):
-            raise ValueError(f"{path}: embeddings {tuple(embeddings.shape)} / keys {tuple(keys.shape)} do not "
-                             f"match hidden size {self.model['hidden_size']}")
-        start = len(self)
-        key_bytes = [bytes(k) for k in keys.tolist()]
-        self._rows.update((k, start + i) for i, k in enumerate(key_bytes))
-        self.embeddings = torch.cat([self.embeddings, embeddings.to(self.dtype)])
-        self.checks = torch.cat([self.checks, torch.tensor([self.check_value(k) for k in key_bytes],
-                                                           dtype=torch.long)])
-        self.parts.append(name)
+    def _load_parts(self, names: Sequence[str]) -> None:
+        embeddings, checks = [self.embeddings], [self.checks]
+        start = len(self.checks)
+        for name in names:
+            path = self.folder / name
+            try:
+                tensors = load_file(str(path))
+                part, keys = tensors["embeddings"], tensors["keys"]
+            except (OSError, KeyError, RuntimeError) as e:
+                raise ValueError(f"{path}: unreadable cache part ({e}); remove it from {_INDEX} and re-run "
+                                 "text-cache") from e
+            if part.shape != (len(keys), self.model["hidden_size"]) or keys.shape[1:] != (32,):
+                raise ValueError(f"{path}: embeddings {tuple(part.shape)} / keys {tuple(keys.shape)} do not "
+                                 f"match hidden size {self.model['hidden_size']}")
+            key_bytes = [bytes(k) for k in keys.tolist()]
+            self._rows.update((k, start + i) for i, k in enumerate(key_bytes))
+            start += len(key_bytes)
+            embeddings.append(part.to(self.dtype))
+            checks.append(torch.tensor([self.check_value(k) for k in key_bytes], dtype=torch.long))
+            self.parts.append(name)
+        if names:  # one concatenation per refresh, not one per part
+            self.embeddings, self.checks = torch.cat(embeddings), torch.cat(checks)
 
     @contextmanager
     def _locked(self):
@@ -159,7 +161,8 @@ class TextEmbeddingCache:
         """Add rows (atomically: a new part, then the index); keys already present are skipped."""
         with self._locked():
             self.refresh()
-            new = [i for i, k in enumerate(keys) if k not in self._rows]
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each key once
+            new = sorted(i for k, i in first.items() if k not in self._rows)
             if not new:
                 return
             name = f"part-{len(self.parts):05d}.safetensors"
@@ -169,7 +172,7 @@ class TextEmbeddingCache:
             index = self._read_index(self.folder)
             index["parts"].append(name)
             write_text_atomic(self.folder / _INDEX, json.dumps(index, indent=2))
-            self._load_part(name)
+            self._load_parts([name])
 
     def lookup(self, rows: torch.Tensor, checks: torch.Tensor) -> torch.Tensor:
         """Embeddings of `rows`; ValueError if a row is unknown or holds another text than expected."""
@@ -294,7 +297,6 @@ def run(args) -> int:
     texts, prompts = _shard_texts(args.shards)
     counts = build_text_cache(texts + ([] if args.no_prompts else prompts), embedder, args.out,
                               progress=not args.no_progress)
-    logging.getLogger(__name__).info("text cache %s: %s", args.out, counts)
     print(f"text cache {os.path.abspath(args.out)}: {counts['distinct']} distinct texts "
           f"({len(texts)} reports + {0 if args.no_prompts else len(prompts)} prompts), "
           f"{counts['embedded']} embedded now, {counts['rows']} rows in total")
