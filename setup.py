@@ -30,7 +30,9 @@ setup(
         "pandas>=1.5",
         "fsspec",
         "tensorboard>=2.10",
-        "transformers>=4.40",
+        "transformers>=4.56",  # `dtype=` in from_pretrained/from_config (LLM text towers)
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
         "webdataset>=0.2.86,<2",
         "wfdb>=4.1,<5",
         "numpy>=1.24",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
-AREAS = ("towers", "loss", "shards", "training", "zeroshot", "hardening")
+AREAS = ("towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache")
 
 
 def load_benchmark(area: str):

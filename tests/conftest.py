@@ -35,5 +35,19 @@ def synthetic_shards(tmp_path_factory):
     return out
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than 10 s (deselect with -m 'not slow')")
+@pytest.fixture(scope="session")
+def random_decoder_lm(tmp_path_factory):
+    """Writes a random-weight decoder LM folder (hidden 64, 2 layers, byte-level BPE tokenizer);
+    keyword arguments go to :func:`open_clip_ecg.random_lm.write_random_decoder_lm`."""
+    from open_clip_ecg.random_lm import write_random_decoder_lm
+
+    def write(name="qwen3", **kwargs):
+        return write_random_decoder_lm(tmp_path_factory.mktemp(name), **kwargs)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(random_decoder_lm):
+    """A random Qwen3 folder shared by the LLM text tower tests."""
+    return random_decoder_lm("qwen3", model_type="qwen3")

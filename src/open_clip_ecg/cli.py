@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "shards": ("open_clip_ecg.data.shards", "turn an ECG collection into webdataset shards"),
     "train": ("open_clip_ecg.train", "train with open_clip's loop (open_clip_train flags + --ecg-*)"),
     "evaluate": ("open_clip_ecg.evaluate", "zero-shot multi-label evaluation with per-label report"),
+    "text-cache": ("open_clip_ecg.text_cache", "embed every distinct report once with a local LLM (frozen text)"),
     "embed": ("open_clip_ecg.embed", "write ECG embeddings of shards to .npy"),
     "train-supervised": ("open_clip_ecg.baselines", "supervised BCE baseline on the same tower"),
     "probe": ("open_clip_ecg.probe", "linear probe on frozen ECG embeddings"),

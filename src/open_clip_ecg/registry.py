@@ -24,6 +24,10 @@ towers accept any length. Built-in text transformer: width 256, 4 heads, 4 layer
 (ECG reports are short and the PTB-XL-sized corpora do not support a CLIP-sized text model trained
 from scratch). MiniLM: mean pooling (how all-MiniLM-L6-v2 was trained), open_clip's default 'mlp'
 projection, 128 tokens (its training length).
+
+Decoder-only LLM folders (Qwen3, Llama, Gemma, Mistral, ...; told apart from BERT-likes by their
+``model_type``) get a ``text_cfg`` that :mod:`open_clip_ecg.text_towers` builds: the live LLM, or
+with ``text_cache`` its cached embeddings (see :mod:`open_clip_ecg.text_cache`).
 """
 import atexit
 import importlib.resources
@@ -40,6 +44,10 @@ from typing import Any, Dict, List, Optional, Union
 import open_clip
 import open_clip.factory
 import timm
+
+from .decoder_lm import POOLINGS, DecoderLMTokenizer, is_decoder_lm_folder
+from .text_cache import TextEmbeddingCache
+from .text_towers import CACHED_MODE, DECODER_MODE
 
 __all__ = [
     "PACKAGE_PLACEHOLDER",
@@ -162,34 +170,76 @@ def list_ecg_models() -> List[str]:
     return [name for name in open_clip.list_models() if name in ours]
 
 
+def _llm_text_cfg(folder: Optional[Path], pooler_type: Optional[str], proj_type: str, context_length: int,
+                  text_cache: Optional[Union[str, Path]], lm_dtype: str) -> Dict[str, Any]:
+    """text_cfg for a decoder LM, live or through its text cache (see :mod:`open_clip_ecg.text_towers`)."""
+    if text_cache is None:
+        pooling = pooler_type or "last"
+        if pooling not in POOLINGS:
+            raise ValueError(f"decoder LM pooling must be one of {POOLINGS}, got {pooling!r}")
+        DecoderLMTokenizer(folder, context_length)  # refuses missing or inconsistent EOS/pad now, not mid-run
+        return {"hf_model_name": str(folder), "hf_tokenizer_name": str(folder), "hf_proj_type": proj_type,
+                "context_length": context_length, "tokenizer_mode": DECODER_MODE,
+                "ecg_text_tower": {"type": "decoder_lm", "pooling": pooling, "dtype": lm_dtype}}
+    cache = TextEmbeddingCache.open(text_cache)
+    model = cache.model
+    if folder is not None and str(folder) != model["folder"]:
+        raise ValueError(f"text cache {cache.folder} was built from {model['folder']}, not {folder}")
+    if pooler_type not in (None, model["pooling"]):
+        raise ValueError(f"text cache {cache.folder} holds {model['pooling']!r}-pooled embeddings, "
+                         f"not {pooler_type!r}")
+    return {"hf_tokenizer_name": model["folder"], "hf_proj_type": proj_type,
+            "context_length": model["context_length"], "tokenizer_mode": CACHED_MODE,
+            "tokenizer_kwargs": {"text_cache": str(cache.folder), "pooling": model["pooling"]},
+            "ecg_text_tower": {"type": "cached", "text_cache": str(cache.folder),
+                               "hidden_size": model["hidden_size"]}}
+
+
+def _check_hf_folder(folder: Path) -> None:
+    if not folder.is_dir():
+        raise ValueError(f"HF text model folder {str(folder)!r} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{str(folder)!r} is not a Hugging Face model folder: config.json missing")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        raise ValueError(f"{str(folder)!r} has no tokenizer files (expected one of {list(_TOKENIZER_FILES)})")
+
+
 def register_ecg_text_model(
         name: str,
-        hf_model_path: Union[str, Path],
+        hf_model_path: Optional[Union[str, Path]],
         ecg_tower: Optional[str] = None,
         base_model: Optional[str] = None,
         embed_dim: Optional[int] = None,
         context_length: int = 128,
-        pooler_type: str = "mean_pooler",
+        pooler_type: Optional[str] = None,
         proj_type: str = "mlp",
         timm_pool: Optional[str] = None,
         timm_proj: Optional[str] = None,
         init_logit_scale: Optional[float] = None,
         init_logit_bias: Optional[float] = None,
+        text_cache: Optional[Union[str, Path]] = None,
+        lm_dtype: str = "auto",
 ) -> str:
     """Pair an ECG tower with a local Hugging Face text model folder; returns the model name.
 
     Afterwards ``open_clip.create_model(name)`` / ``open_clip.get_tokenizer(name)`` work offline,
-    e.g. for a medical BERT downloaded with ``huggingface-cli download ... --local-dir DIR``.
+    e.g. for a medical BERT downloaded with ``huggingface-cli download ... --local-dir DIR``, or a
+    decoder-only LLM (Qwen3, Llama, Gemma, Mistral, ...; detected from its config.json).
 
     * `hf_model_path`: a folder with ``config.json`` and tokenizer files; stored as an absolute path.
+      May be None with `text_cache` (the cache names its LLM folder).
     * The ECG side comes from `base_model` (a registered ECG model: its ``vision_cfg``, ``embed_dim``
       and logit init are copied) or else from the defaults below; any argument given explicitly
       overrides it: `ecg_tower` (timm name, default 'ecg_resnet1d18'), `embed_dim` (256),
       `timm_pool` ('avg'; a ViT tower also takes 'token'), `timm_proj` ('linear'),
       `init_logit_scale` (log 10) and `init_logit_bias` (-10).
-    * Text side: `pooler_type`, one of open_clip's HF poolers ('mean_pooler', 'cls_pooler',
-      'cls_last_hidden_state_pooler', 'max_pooler'); `proj_type` 'mlp', 'linear' or 'none';
-      `context_length` in tokens.
+    * Text side: `pooler_type`, for encoders one of open_clip's HF poolers ('mean_pooler'
+      (default), 'cls_pooler', 'cls_last_hidden_state_pooler', 'max_pooler'), for decoders 'last'
+      (the EOS token; default) or 'mean'; `proj_type` 'mlp', 'linear' or 'none'; `context_length`
+      in tokens; `lm_dtype` of a live decoder ('auto': bfloat16 on GPU, float32 on CPU).
+    * `text_cache`: a folder made by ``open-clip-ecg text-cache``: the text tower reads the cached
+      LLM embeddings (frozen LLM; only the projection head trains; no LLM weights in checkpoints).
+      Texts missing from the cache (zero-shot prompts) are embedded with the LLM folder on demand.
 
     Registering the same name again replaces its config; a name that is a non-ECG open_clip model
     is refused. Bad arguments raise ValueError naming the problem.
@@ -198,13 +248,11 @@ def register_ecg_text_model(
         raise ValueError(f"model name must be letters, digits, '.', '_', '+' or '-' (no '/'), got {name!r}")
     if name in open_clip.list_models() and name not in list_ecg_models():
         raise ValueError(f"{name!r} is already an open_clip model config; choose another name")
-    folder = Path(hf_model_path).expanduser().resolve()
-    if not folder.is_dir():
-        raise ValueError(f"HF text model folder {str(folder)!r} does not exist")
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{str(folder)!r} is not a Hugging Face model folder: config.json missing")
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
-        raise ValueError(f"{str(folder)!r} has no tokenizer files (expected one of {list(_TOKENIZER_FILES)})")
+    folder = None if hf_model_path is None else Path(hf_model_path).expanduser().resolve()
+    if text_cache is None:
+        if folder is None:
+            raise ValueError("hf_model_path is required without text_cache")
+        _check_hf_folder(folder)
 
     if base_model is not None:
         if base_model not in list_ecg_models():
@@ -221,19 +269,23 @@ def register_ecg_text_model(
     if not timm.is_model(vision_cfg["timm_model_name"]):
         raise ValueError(f"unknown ECG tower {vision_cfg['timm_model_name']!r}; "
                          f"expected one of {timm.list_models('ecg_*')}")
+    if text_cache is not None or is_decoder_lm_folder(folder):
+        text_cfg = _llm_text_cfg(folder, pooler_type, proj_type, context_length, text_cache, lm_dtype)
+    else:
+        text_cfg = {
+            "hf_model_name": str(folder),
+            "hf_tokenizer_name": str(folder),
+            "hf_pooler_type": pooler_type or "mean_pooler",
+            "hf_proj_type": proj_type,
+            "context_length": context_length,
+        }
     model_cfg = {
         "embed_dim": embed_dim if embed_dim is not None else base["embed_dim"],
         "init_logit_scale": init_logit_scale if init_logit_scale is not None else base["init_logit_scale"],
         "init_logit_bias": init_logit_bias if init_logit_bias is not None else base["init_logit_bias"],
         "custom_text": True,
         "vision_cfg": vision_cfg,
-        "text_cfg": {
-            "hf_model_name": str(folder),
-            "hf_tokenizer_name": str(folder),
-            "hf_pooler_type": pooler_type,
-            "hf_proj_type": proj_type,
-            "context_length": context_length,
-        },
+        "text_cfg": text_cfg,
     }
     if _write_config(name, model_cfg) or _output_dir() not in open_clip.factory._MODEL_CONFIG_PATHS:
         _publish()

@@ -134,7 +134,11 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                        help="each optimizer step moves the logit scale and bias this many times as far as "
                             "the optimizer would (default 1); on small data they otherwise barely move")
     group.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
-                       help="pair the --model's ECG tower with this local Hugging Face text model")
+                       help="pair the --model's ECG tower with this local Hugging Face text model "
+                            "(BERT-like encoder or decoder LLM: Qwen3, Llama, Gemma, Mistral, ...)")
+    group.add_argument("--ecg-text-cache", default=None, metavar="CACHE",
+                       help="frozen LLM text: read its embeddings from this `open-clip-ecg text-cache` "
+                            "folder instead of running it (only the projection head trains)")
     return parser
 
 
@@ -178,7 +182,9 @@ def check_open_clip_args(args: argparse.Namespace) -> None:
         problems.append("CoCa models need an image decoder; use an ECG-* model")
     if args.dataset_type not in ("auto", "webdataset"):
         problems.append(f"--dataset-type {args.dataset_type}: ECG training reads open-clip-ecg shards")
-    if args.lock_text and args.lock_text_unlocked_layers > 0 and args.model.lower().find("cliptext") < 0:
+    llm_text = "ecg_text_tower" in (open_clip.get_model_config(args.model) or {}).get("text_cfg", {})
+    if (args.lock_text and args.lock_text_unlocked_layers > 0 and args.model.lower().find("cliptext") < 0
+            and not llm_text):  # decoder LLM towers unlock their last blocks themselves
         problems.append("--lock-text-unlocked-layers > 0 fails for BERT-family HF towers in open_clip "
                         "3.3 (KeyError 'layer_attr'); lock the whole text tower or none")
     if problems:
@@ -463,10 +469,11 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
 
     def parse_args(raw_args):
         args = upstream_parse_args(raw_args)
-        if ecg_options.ecg_text_model:
+        text_source = ecg_options.ecg_text_cache or ecg_options.ecg_text_model
+        if text_source:  # named after the cache (cached text) or the text model folder
             args.model = register_ecg_text_model(
-                f"{args.model}+{os.path.basename(os.path.normpath(ecg_options.ecg_text_model))}",
-                ecg_options.ecg_text_model, base_model=args.model)
+                f"{args.model}+{os.path.basename(os.path.normpath(text_source))}",
+                ecg_options.ecg_text_model, base_model=args.model, text_cache=ecg_options.ecg_text_cache)
         check_open_clip_args(args)
         if "--precision" not in argv and not torch.cuda.is_available():
             args.precision = "fp32"  # open_clip's default 'amp' is float16 autocast: slow on CPUs

@@ -10,7 +10,7 @@ each finding is scored on its own with the SigLIP pair probability
 the quantity the sigmoid loss trains, so findings co-occur freely.
 """
 from contextlib import contextmanager
-from typing import Callable, List, Mapping, Sequence, Union
+from typing import Callable, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,17 +48,11 @@ def build_zeroshot_classifier(
     mean over all its prompts, renormalised (open_clip's prompt ensembling, equal weight per prompt).
     """
     synonyms = _finding_synonyms(findings)
-    templates = _checked_templates(templates)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
-    texts, owners = [], []
-    for index, names in enumerate(synonyms):
-        for name in names:
-            for template in templates:
-                texts.append(template.format(name) if isinstance(template, str) else template(name))
-                owners.append(index)
+    texts, owners = prompt_texts(findings, templates)
 
     with _inference(model):
         embeddings = torch.cat([
@@ -68,6 +62,24 @@ def build_zeroshot_classifier(
     owners = torch.tensor(owners, device=embeddings.device)
     summed = embeddings.new_zeros(len(synonyms), embeddings.shape[1]).index_add_(0, owners, embeddings)
     return F.normalize(summed, dim=-1)
+
+
+def prompt_texts(
+        findings: Union[Sequence[str], Mapping[str, Sequence[str]]],
+        templates: Sequence[Template] = DEFAULT_TEMPLATES,
+) -> Tuple[List[str], List[int]]:
+    """Every prompt (template x name/synonym) and the finding index it belongs to, in order.
+
+    Also what ``open-clip-ecg text-cache`` embeds ahead of time for a label vocabulary.
+    """
+    templates = _checked_templates(templates)
+    texts, owners = [], []
+    for index, names in enumerate(_finding_synonyms(findings)):
+        for name in names:
+            for template in templates:
+                texts.append(template.format(name) if isinstance(template, str) else template(name))
+                owners.append(index)
+    return texts, owners
 
 
 def encode_ecg(

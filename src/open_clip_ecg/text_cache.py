@@ -1,0 +1,303 @@
+"""A text-embedding cache for frozen LLM text towers: each distinct text goes through the LLM once.
+
+``open-clip-ecg text-cache --text-model FOLDER --shards DIR --out CACHE`` embeds every distinct
+report in the shards (plus the zero-shot prompts for their label vocabulary); training with
+``--ecg-text-cache CACHE`` then reads rows instead of running the LLM, so a step costs the same
+for a 0.6B or an 8B model. Reports repeat heavily (PTB-XL's texts are mostly label sentences),
+so the cache is far smaller than the dataset.
+
+Layout of a cache folder:
+
+* ``index.json``: format, the LLM (folder, :func:`~open_clip_ecg.decoder_lm.model_identity`,
+  pooling, context length, hidden size, dtype) and the list of part files in row order;
+* ``part-NNNNN.safetensors``: ``embeddings`` [n, hidden] (the LLM's pooled output, in its dtype)
+  and ``keys`` [n, 32] uint8, ``sha256(identity + NUL + text)``.
+
+Parts are written atomically before the index names them, so a crash loses at most the part in
+flight and a re-run embeds only the missing texts. Appends take a file lock (``CACHE/lock``), so
+processes sharing a cache (prompts embedded at evaluation) never lose each other's rows.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import write_atomic, write_text_atomic
+from .decoder_lm import DecoderLM, DecoderLMTokenizer, model_identity
+
+__all__ = ["CACHE_FORMAT", "TextEmbeddingCache", "build_text_cache", "add_arguments", "run"]
+
+CACHE_FORMAT = "open_clip_ecg.text_cache/1"
+_INDEX = "index.json"
+_LOCK = "lock"
+_open_caches: Dict[Path, "TextEmbeddingCache"] = {}
+
+
+class TextEmbeddingCache:
+    """Rows of pooled LLM embeddings keyed by ``sha256(model identity + text)``.
+
+    :meth:`open` returns one shared instance per folder and process, so a model's cached text
+    tower and its tokenizer see the same rows (rows the tokenizer appends are found by the tower).
+    """
+
+    def __init__(self, folder: Path, model: Dict):
+        self.folder = folder
+        self.model = model
+        self.identity = model["identity"]
+        self.parts: List[str] = []
+        self.dtype = getattr(torch, model["dtype"])  # rows added later (other device) are stored alike
+        self.embeddings = torch.empty(0, model["hidden_size"], dtype=self.dtype)
+        self.checks = torch.empty(0, dtype=torch.long)
+        self._rows: Dict[bytes, int] = {}
+
+    # ---------------------------------------------------------------- opening and creating
+    @classmethod
+    def open(cls, folder: Union[str, Path]) -> "TextEmbeddingCache":
+        """The cache in `folder` (ValueError naming the folder if there is none)."""
+        folder = Path(folder).expanduser().resolve()
+        cache = _open_caches.get(folder)
+        if cache is None:
+            index = cls._read_index(folder)
+            cache = cls(folder, index["model"])
+            _open_caches[folder] = cache
+        cache.refresh()
+        return cache
+
+    @classmethod
+    def create(cls, folder: Union[str, Path], model: Dict) -> "TextEmbeddingCache":
+        """Open the cache in `folder`, or start an empty one for `model` there.
+
+        An existing cache of another model (identity differs) is refused, never mixed.
+        """
+        folder = Path(folder).expanduser().resolve()
+        if (folder / _INDEX).is_file():
+            cache = cls.open(folder)
+            if cache.identity != model["identity"]:
+                raise ValueError(f"{folder} caches another text model ({cache.model['folder']}, pooling "
+                                 f"{cache.model['pooling']}); use a new --out folder for {model['folder']}")
+            return cache
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / _INDEX, json.dumps({"format": CACHE_FORMAT, "model": model, "parts": []},
+                                                      indent=2))
+        return cls.open(folder)
+
+    @staticmethod
+    def _read_index(folder: Path) -> Dict:
+        path = folder / _INDEX
+        if not path.is_file():
+            raise ValueError(f"{folder} is not a text cache ({_INDEX} missing): build it with "
+                             "`open-clip-ecg text-cache --text-model FOLDER --shards DIR --out CACHE`")
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if index.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path}: format {index.get('format')!r}, expected {CACHE_FORMAT!r}")
+        return index
+
+    # ---------------------------------------------------------------- keys and rows
+    def key(self, text: str) -> bytes:
+        return hashlib.sha256(self.identity.encode() + b"\0" + text.encode("utf-8")).digest()
+
+    @staticmethod
+    def check_value(key: bytes) -> int:
+        """31 bits of a key, carried beside its row so a lookup can prove it hit the right text."""
+        return int.from_bytes(key[:4], "big") & 0x7FFFFFFF
+
+    def row(self, key: bytes) -> Optional[int]:
+        return self._rows.get(key)
+
+    def __len__(self) -> int:
+        return len(self.checks)
+
+    def refresh(self) -> None:
+        """Load parts another process (or an earlier run) added since this instance last looked."""
+        parts = self._read_index(self.folder)["parts"]
+        if parts[:len(self.parts)] != self.parts:
+            raise ValueError(f"{self.folder / _INDEX} was rewritten under this process; reopen the cache")
+        self._load_parts(parts[len(self.parts):])
+
+    def _load_parts(self, names: Sequence[str]) -> None:
+        embeddings, checks = [self.embeddings], [self.checks]
+        start = len(self.checks)
+        for name in names:
+            path = self.folder / name
+            try:
+                tensors = load_file(str(path))
+                part, keys = tensors["embeddings"], tensors["keys"]
+            except (OSError, KeyError, RuntimeError) as e:
+                raise ValueError(f"{path}: unreadable cache part ({e}); remove it from {_INDEX} and re-run "
+                                 "text-cache") from e
+            if part.shape != (len(keys), self.model["hidden_size"]) or keys.shape[1:] != (32,):
+                raise ValueError(f"{path}: embeddings {tuple(part.shape)} / keys {tuple(keys.shape)} do not "
+                                 f"match hidden size {self.model['hidden_size']}")
+            key_bytes = [bytes(k) for k in keys.tolist()]
+            self._rows.update((k, start + i) for i, k in enumerate(key_bytes))
+            start += len(key_bytes)
+            embeddings.append(part.to(self.dtype))
+            checks.append(torch.tensor([self.check_value(k) for k in key_bytes], dtype=torch.long))
+            self.parts.append(name)
+        if names:  # one concatenation per refresh, not one per part
+            self.embeddings, self.checks = torch.cat(embeddings), torch.cat(checks)
+
+    @contextmanager
+    def _locked(self):
+        with open(self.folder / _LOCK, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def append(self, keys: Sequence[bytes], embeddings: torch.Tensor) -> None:
+        """Add rows (atomically: a new part, then the index); keys already present are skipped."""
+        with self._locked():
+            self.refresh()
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each key once
+            new = sorted(i for k, i in first.items() if k not in self._rows)
+            if not new:
+                return
+            name = f"part-{len(self.parts):05d}.safetensors"
+            tensors = {"embeddings": embeddings[new].detach().to("cpu", self.dtype).contiguous(),
+                       "keys": torch.tensor([list(keys[i]) for i in new], dtype=torch.uint8)}
+            write_atomic(self.folder / name, lambda tmp: save_file(tensors, tmp))
+            index = self._read_index(self.folder)
+            index["parts"].append(name)
+            write_text_atomic(self.folder / _INDEX, json.dumps(index, indent=2))
+            self._load_parts([name])
+
+    def lookup(self, rows: torch.Tensor, checks: torch.Tensor) -> torch.Tensor:
+        """Embeddings of `rows`; ValueError if a row is unknown or holds another text than expected."""
+        if len(rows) and int(rows.max()) >= len(self):
+            self.refresh()
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= len(self)):
+            raise ValueError(f"text cache {self.folder} has {len(self)} rows; asked for row {int(rows.max())}")
+        rows_cpu = rows.cpu()
+        if bool((self.checks[rows_cpu] != checks.cpu()).any()):
+            raise ValueError(f"text cache {self.folder}: rows do not hold the texts the tokenizer saw; "
+                             "the cache was rebuilt since these tokens were made")
+        return self.embeddings[rows_cpu]
+
+
+# -------------------------------------------------------------------------------------------------
+# Building
+# -------------------------------------------------------------------------------------------------
+
+class LMEmbedder:
+    """Texts -> pooled LLM embeddings in batches, loading the LLM only when first needed."""
+
+    def __init__(self, folder: Union[str, Path], pooling: str = "last", context_length: int = 128,
+                 device: Union[str, torch.device, None] = None, batch_size: int = 16):
+        self.folder = Path(folder).expanduser().resolve()
+        if not (self.folder / "config.json").is_file():
+            raise ValueError(f"LLM folder {self.folder} does not exist or has no config.json")
+        self.pooling, self.context_length, self.batch_size = pooling, context_length, batch_size
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.tokenizer = DecoderLMTokenizer(self.folder, context_length)
+        self._lm = None
+        self._cache_model = None
+
+    @property
+    def lm(self):
+        if self._lm is None:
+            self._lm = DecoderLM(self.folder, self.pooling, dtype=self.dtype).to(self.device).eval()
+        return self._lm
+
+    def cache_model(self) -> Dict:
+        """The cache index's ``model`` entry (the identity hashes the weight files once)."""
+        from transformers import AutoConfig
+
+        if self._cache_model is None:
+            hidden = AutoConfig.from_pretrained(str(self.folder)).get_text_config().hidden_size
+            self._cache_model = {
+                "folder": str(self.folder), "identity": model_identity(self.folder, self.pooling, self.context_length),
+                "pooling": self.pooling, "context_length": self.context_length, "hidden_size": int(hidden),
+                "dtype": self.dtype}
+        return self._cache_model
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(texts))
+        return torch.cat([self.lm(ids[i:i + self.batch_size].to(self.device)).cpu()
+                          for i in range(0, len(ids), self.batch_size)])
+
+
+def build_text_cache(texts: Iterable[str], embedder: LMEmbedder, out: Union[str, Path],
+                     part_size: int = 4096, progress: bool = True) -> Dict[str, int]:
+    """Embed the distinct `texts` missing from the cache in `out`; returns counts.
+
+    Texts are embedded shortest first (little padding per batch) and written every `part_size`
+    texts, so an interrupted build resumes where it stopped.
+    """
+    from tqdm import tqdm
+
+    cache = TextEmbeddingCache.create(out, embedder.cache_model())
+    distinct = list(dict.fromkeys(texts))
+    keyed = {cache.key(t): t for t in distinct}
+    missing = sorted((k for k in keyed if cache.row(k) is None), key=lambda k: len(keyed[k]))
+    bar = tqdm(total=len(missing), desc="text-cache", unit="text", disable=not progress)
+    for start in range(0, len(missing), part_size):
+        keys = missing[start:start + part_size]
+        chunk = [keyed[k] for k in keys]
+        embeddings = []
+        for i in range(0, len(chunk), embedder.batch_size):
+            embeddings.append(embedder.embed(chunk[i:i + embedder.batch_size]))
+            bar.update(len(embeddings[-1]))
+        cache.append(keys, torch.cat(embeddings))
+    bar.close()
+    return {"distinct": len(distinct), "embedded": len(missing), "rows": len(cache)}
+
+
+def _shard_texts(shard_specs: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(every report text, the zero-shot prompts of each shard folder's label vocabulary)."""
+    from .data.pipeline import expand_shards, iterate_samples, read_shard_info
+    from .zeroshot import prompt_texts
+
+    texts, prompts = [], []
+    for spec in shard_specs:
+        shards = expand_shards(spec)
+        texts.extend(sample["text"] for sample in iterate_samples(shards))
+        prompts.extend(prompt_texts([v["name"] for v in read_shard_info(shards)["vocabulary"]])[0])
+    return texts, prompts
+
+
+# -------------------------------------------------------------------------------------------------
+# `open-clip-ecg text-cache`
+# -------------------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--text-model", required=True, metavar="FOLDER",
+                        help="local Hugging Face decoder LM folder (Qwen3, Llama, Gemma, Mistral, ...)")
+    parser.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
+                        help="shard folder(s), globs or brace patterns whose texts to embed")
+    parser.add_argument("--out", required=True, metavar="CACHE", help="cache folder (created or resumed)")
+    parser.add_argument("--pooling", choices=("last", "mean"), default="last",
+                        help="last real token (EOS; default) or mean over the text's tokens")
+    parser.add_argument("--context-length", type=int, default=128, help="tokens per text incl. EOS (default 128)")
+    parser.add_argument("--batch-size", type=int, default=16, help="texts per LLM forward (default 16)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--no-prompts", action="store_true",
+                        help="skip the zero-shot prompts of the shards' label vocabulary")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    embedder = LMEmbedder(args.text_model, args.pooling, args.context_length, args.device, args.batch_size)
+    texts, prompts = _shard_texts(args.shards)
+    counts = build_text_cache(texts + ([] if args.no_prompts else prompts), embedder, args.out,
+                              progress=not args.no_progress)
+    print(f"text cache {os.path.abspath(args.out)}: {counts['distinct']} distinct texts "
+          f"({len(texts)} reports + {0 if args.no_prompts else len(prompts)} prompts), "
+          f"{counts['embedded']} embedded now, {counts['rows']} rows in total")
+    return 0
