@@ -139,6 +139,8 @@ def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
     (["--dataset-type", "csv"], "open-clip-ecg shards"),
     (["--model", "coca_ViT-B-32"], "CoCa"),
     (["--ecg-leads", "6"], "takes 12 lead"),
+    (["--ecg-logit-lr-mult", "0"], "must be > 0"),
+    (["--ecg-text", "sampled", "--ecg-text-cache", "/no/cache"], "cannot hold"),
 ])
 def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_path, capsys, flags, message):
     status = ecg_train.cli_main(train_args(synthetic_shards, tmp_path, "rejected") + flags)

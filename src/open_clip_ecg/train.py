@@ -469,6 +469,11 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
 
     def parse_args(raw_args):
         args = upstream_parse_args(raw_args)
+        if ecg_options.ecg_text == "sampled" and ecg_options.ecg_text_cache:
+            raise ValueError("--ecg-text sampled composes new texts every step, which a text-embedding cache "
+                             "cannot hold: use --ecg-text stored with --ecg-text-cache")
+        if ecg_options.ecg_logit_lr_mult <= 0:
+            raise ValueError(f"--ecg-logit-lr-mult must be > 0, got {ecg_options.ecg_logit_lr_mult}")
         text_source = ecg_options.ecg_text_cache or ecg_options.ecg_text_model
         if text_source:  # named after the cache (cached text) or the text model folder
             args.model = register_ecg_text_model(
