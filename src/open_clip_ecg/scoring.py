@@ -41,10 +41,13 @@ NEGATION = "no {}"
 
 @dataclass
 class ScoringRules:
-    """How zero-shot scores are made (the options of ``open-clip-ecg evaluate``)."""
+    """How zero-shot scores are made (the options of ``open-clip-ecg evaluate``).
 
-    names: str = "shipped"
-    aggregate: str = "prompt"
+    The defaults won on fold 7 of PTB-XL (``scripts/ptbxl_zeroshot_study.py``): English names
+    only, labels as the noisy-OR of their member statements, SigLIP's sigmoid."""
+
+    names: str = "name"
+    aggregate: str = "noisy-or"
     scoring: str = "sigmoid"
 
     def __post_init__(self):
