@@ -48,7 +48,7 @@ import open_clip
 import torch
 
 from .atomic import remove_stale_temps, write_atomic
-from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, truncation_counts
+from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, token_count, truncation_counts
 from .data.pipeline import (
     ECGSamplePreparer,
     expand_shards,
@@ -284,6 +284,11 @@ def log_text_truncation(args, tokenizer, text_sampler: Optional[TrainingTextSamp
     TRUNCATION_SAMPLE samples of the train shards: the stored texts, or with `text_sampler` its
     longest kind (findings, then the report). Kept in ``args.ecg_truncation``."""
     names = [v["name"] for v in args.ecg_shard_info["train"]["vocabulary"]]
+    if token_count(tokenizer, "") is None:
+        args.ecg_truncation = {}
+        logging.info("Text truncation: not counted (texts come from a text-embedding cache, which cut them "
+                     "to the text model's context when it was built)")
+        return {}
 
     def texts():
         for sample in itertools.islice(iterate_samples(args.train_data), TRUNCATION_SAMPLE):

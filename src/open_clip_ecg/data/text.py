@@ -140,11 +140,13 @@ class TrainingTextSampler:
         return findings, sorted(ids)
 
 
-def token_count(tokenizer, text: str) -> int:
-    """Tokens of `text` before an open_clip tokenizer truncates it (start/end tokens included)."""
+def token_count(tokenizer, text: str) -> Optional[int]:
+    """Tokens of `text` before an open_clip tokenizer truncates it (start/end tokens included);
+    None for tokenizers that map texts to cached embeddings (those were cut when the cache was built)."""
     if hasattr(tokenizer, "encode"):  # open_clip's SimpleTokenizer (CLIP BPE): + <start>, <end>
         return len(tokenizer.encode(text)) + 2
-    return len(tokenizer.tokenizer(text)["input_ids"])  # open_clip's HFTokenizer
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip's HFTokenizer, our decoder-LM tokenizer
+    return None if inner is None else len(inner(text)["input_ids"])
 
 
 def truncation_counts(tokenizer, texts: Iterable[Tuple[str, str]]) -> Dict[str, int]:
