@@ -17,6 +17,9 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
    AUROC) with a bootstrap interval over fold-8 records.
 4. **Supervised baseline**: BCE on the same tower and folds (epoch chosen on fold 7), superclass
    and rhythm tasks, scored on fold 8 the same way.
+5. **Learning curve** (fold 7 only): the winner (jaccard, first seed) and the supervised baseline
+   (last epoch) trained on the first ``--curve-shards`` training shards and on all of them: does
+   the gap between zero-shot and supervision close with more records?
 
 Every step is resumable: finished trainings, embeddings and scores are reused on a re-run.
 ``--quick`` runs the whole flow on a tiny budget (for tests). Writes ``OUT/study.md``/``.json``.
@@ -116,12 +119,17 @@ class Study:
             sampling_rate=100, seconds=10, split_by="fold", val_folds=(7,), test_folds=(8,), text="both",
             shard_size=self.args.shard_size, workers=2))
 
-    def train(self, name: str, setting: Dict, targets: str, seed: int) -> str:
+    def train_shards(self, n_shards: Optional[int] = None) -> List[str]:
+        """The training shards, or the first `n_shards` of them (the learning curve's subsets)."""
+        shards = resolve_shards(self.shards, "train")
+        return shards if n_shards is None else shards[:n_shards]
+
+    def train(self, name: str, setting: Dict, targets: str, seed: int, n_shards: Optional[int] = None) -> str:
         a = self.args
         checkpoint = os.path.join(a.out, "logs", name, "checkpoints", f"epoch_{a.epochs}.pt")
         if os.path.exists(checkpoint):
             return checkpoint
-        flags = ["--model", setting["model"], "--train-data", os.path.join(self.shards, "train-*.tar"),
+        flags = ["--model", setting["model"], "--train-data", "::".join(self.train_shards(n_shards)),
                  "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
                  "--warmup", str(a.warmup), "--wd", "0.05", "--workers", str(a.workers), "--seed", str(seed),
                  "--logs", os.path.join(a.out, "logs"), "--name", name, "--resume", "latest",
@@ -180,9 +188,7 @@ class Study:
                 aurocs = {}
                 for task_name in TASKS:
                     task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                    val = scores["val"]
-                    aurocs[task_name] = M.headline_metrics(val.y_true, val.y_score,
-                                                           np.full(len(task.codes), 0.5))["macro_auroc"]
+                    aurocs[task_name] = _macro_auroc(task, scores["val"])
                 setting_rows.append({"setting": name, **setting, "names": names, "aggregate": aggregate,
                                      "scoring": scoring, "fold7_macro_auroc": aurocs,
                                      "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None])),
@@ -240,6 +246,59 @@ class Study:
         return out
 
 
+    def learning_curve(self, best: Dict) -> List[Dict]:
+        """Fold-7 macro AUROC against training-set size: zero-shot (the winner, jaccard, first seed)
+        and supervised BCE (last epoch, nothing chosen on fold 7), on the first k training shards.
+
+        Evidence for whether the zero-shot-vs-supervised gap closes with data; fold 8 is not used.
+        """
+        a = self.args
+        setting = {k: best[k] for k in BASE}
+        rules = ScoringRules(best["names"], best["aggregate"], best["scoring"])
+        n_all = len(self.train_shards())
+        rows = []
+        for n_shards in sorted(set(a.curve_shards) | {n_all}):
+            n_shards = min(n_shards, n_all)
+            path = os.path.join(self.cache, f"curve-{n_shards}.json")
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    rows.append(json.load(f))
+                continue
+            shards = self.train_shards(n_shards)
+            with open(os.path.join(self.shards, "sizes.json"), encoding="utf-8") as f:
+                sizes = json.load(f)
+            n_records = sum(sizes[os.path.basename(shard)] for shard in shards)
+            suffix = "" if n_shards == n_all else f"-{n_shards}shards"
+            name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
+            model, tokenizer, embedded = self.embeddings(name, setting["model"], self.train(
+                name, setting, "jaccard", a.seeds[0], None if n_shards == n_all else n_shards))
+            row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
+            for task_name in TASKS:
+                task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
+                row["zero-shot"][task_name] = _macro_auroc(task, scores["val"])
+            for task_name in ("ptbxl-super", "ptbxl-rhythm"):
+                checkpoint = os.path.join(a.out, "supervised", f"curve-{task_name}-{n_shards}shards.pt")
+                if os.path.exists(checkpoint):
+                    supervised, about = load_supervised(checkpoint)
+                else:
+                    os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+                    supervised, about, _ = train_supervised(
+                        task_name, shards, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size,
+                        seconds=a.crop_seconds, workers=a.workers, seed=a.seeds[0], checkpoint_path=checkpoint)
+                task = get_task(task_name)
+                val = score_supervised(supervised, task, resolve_shards(self.shards, "val"),
+                                       f"{self.shards} (val)", about["n_samples"], a.batch_size, 0)
+                row["supervised"][task_name] = _macro_auroc(task, val)
+            print(f"curve {n_shards} shards ({n_records} records): {row}", flush=True)
+            _write_json(path, row)
+            rows.append(row)
+        return rows
+
+
+def _macro_auroc(task, scores) -> Optional[float]:
+    return M.headline_metrics(scores.y_true, scores.y_score, np.full(len(task.codes), 0.5))["macro_auroc"]
+
+
 def _summary(metrics: Dict) -> Dict:
     intervals = (metrics.get("confidence_intervals") or {}).get("intervals", {})
     return {"headline": metrics["headline"], "intervals": intervals,
@@ -276,7 +335,21 @@ def _mean_sd(values: List[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}" if values else "n/a"
 
 
-def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differences: Dict, args) -> str:
+def curve_table(curve: List[Dict]) -> List[str]:
+    """The learning curve as markdown lines (empty when the stage did not run)."""
+    if not curve:
+        return []
+    lines = ["## Learning curve (fold 7 macro AUROC; zero-shot winner, jaccard, one seed; supervised BCE, last epoch)", "",
+             "| training records | " + " | ".join(f"zero-shot {t}" for t in TASKS)
+             + " | supervised ptbxl-super | supervised ptbxl-rhythm |", "|---|" + "---|" * (len(TASKS) + 2)]
+    for row in curve:
+        cells = [row["zero-shot"][t] for t in TASKS] + [row["supervised"][t] for t in ("ptbxl-super", "ptbxl-rhythm")]
+        lines.append(f"| {row['n_records']} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return lines + [""]
+
+
+def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differences: Dict, args,
+                 curve: List[Dict] = ()) -> str:
     best = selection["best"]
     lines = ["# PTB-XL zero-shot study (ptbxl_zeroshot_study.py)", "",
              f"Train folds 1-6, everything chosen on fold 7, reported on fold 8 once; {args.epochs} epochs, "
@@ -313,7 +386,8 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
               "| task | difference | 95% interval |", "|---|---|---|"]
     for task_name, d in differences.items():
         lines.append(f"| {task_name} | {d['difference']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] |")
-    lines += ["", "## Per label (fold 8, AUROC, mean over seeds of the winning targets)", ""]
+    lines += [""] + curve_table(list(curve))
+    lines += ["## Per label (fold 8, AUROC, mean over seeds of the winning targets)", ""]
     winner_runs = [r for r in runs.values() if r["targets"] == args.targets[0]]
     for task_name in ("ptbxl-super", "ptbxl-rhythm"):
         lines += [f"### {task_name}", "", "| label | n+ | zero-shot | supervised |", "|---|---|---|---|"]
@@ -341,8 +415,10 @@ def main(argv=None) -> int:
                         help="training settings compared on fold 7")
     parser.add_argument("--supervised-epochs", type=int, default=15,
                         help="epochs of the supervised baseline (its best epoch on fold 7 is kept)")
-    parser.add_argument("--stages", nargs="+", choices=("select", "seeds", "supervised", "report"),
-                        default=["select", "seeds", "supervised", "report"],
+    parser.add_argument("--curve-shards", type=int, nargs="+", default=[3, 6],
+                        help="learning-curve stage: train on the first K training shards (plus all of them)")
+    parser.add_argument("--stages", nargs="+", choices=("select", "seeds", "supervised", "curve", "report"),
+                        default=["select", "seeds", "supervised", "curve", "report"],
                         help="run some stages only (e.g. two processes training different --targets "
                              "in parallel, then 'report' to collect)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -353,7 +429,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds, args.targets, args.bootstrap = 1, [0], ["jaccard", "identity"], 50
-        args.supervised_epochs = 1
+        args.supervised_epochs, args.curve_shards = 1, [1]
         args.settings, args.batch_size, args.crop_seconds, args.shard_size = ["stored-text", "sampled-text"], 32, 2.5, 64
     args.selection = {name: SELECTION[name] for name in args.settings}
     args.rules_grid = (list(itertools.product(PROMPT_NAMES, AGGREGATIONS, SCORINGS)) if not args.quick
@@ -364,6 +440,7 @@ def main(argv=None) -> int:
     selection = study.select()
     if args.stages == ["select"]:
         return 0
+    curve = study.learning_curve(selection["best"]) if {"curve", "report"} & set(args.stages) else []
     runs = study.seeds(selection["best"]) if {"seeds", "report"} & set(args.stages) else {}
     supervised = study.supervised() if {"supervised", "report"} & set(args.stages) else {}
     if "report" not in args.stages:
@@ -371,10 +448,10 @@ def main(argv=None) -> int:
     differences = {}
     if {"jaccard", "identity"} <= set(args.targets):
         differences = {t: paired_difference(args.out, runs, "jaccard", "identity", t, args.bootstrap) for t in TASKS}
-    result = {"selection_best": selection["best"], "runs": runs, "supervised": supervised,
+    result = {"selection_best": selection["best"], "runs": runs, "supervised": supervised, "learning_curve": curve,
               "jaccard_minus_identity": differences, "options": {k: v for k, v in vars(args).items()}}
     _write_json(os.path.join(args.out, "study.json"), result)
-    table = write_tables(args.out, selection, runs, supervised, differences, args)
+    table = write_tables(args.out, selection, runs, supervised, differences, args, curve)
     _write_text(os.path.join(args.out, "study.md"), table)
     print(table)
     return 0

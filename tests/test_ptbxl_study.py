@@ -31,6 +31,10 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
         assert low <= high and -1 <= difference["difference"] <= 1, task
     table = (out / "study.md").read_text()
     assert "Selection on fold 7" in table and "| supervised BCE |" in table and "Paired difference" in table
+    curve = result["learning_curve"]  # the first training shard, then all of them
+    assert [row["n_shards"] for row in curve] == sorted(row["n_shards"] for row in curve) and len(curve) == 2
+    assert curve[0]["n_records"] < curve[1]["n_records"]
+    assert set(curve[0]["supervised"]) == {"ptbxl-super", "ptbxl-rhythm"} and "Learning curve" in table
     # a re-run reuses every checkpoint and score: nothing is trained again
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "Start epoch" not in again.stderr + again.stdout
