@@ -35,6 +35,16 @@ def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert [row["n_shards"] for row in curve] == sorted(row["n_shards"] for row in curve) and len(curve) == 2
     assert curve[0]["n_records"] < curve[1]["n_records"]
     assert set(curve[0]["supervised"]) == {"ptbxl-super", "ptbxl-rhythm"} and "Learning curve" in table
+    # the finding diagnosis runs on a checkpoint the study trained (ECG side vs text side, fold 7)
+    checkpoint = out / "logs" / f"{best['setting']}-jaccard-seed0" / "checkpoints" / "epoch_1.pt"
+    diagnosis = tmp_path / "diagnosis.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "ptbxl_finding_diagnosis.py"), "--checkpoint",
+                           str(checkpoint), "--shards", str(out / "shards"), "--codes", "NORM", "SR",
+                           "--out", str(diagnosis)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["code"]: row for row in json.loads(diagnosis.read_text())}
+    assert rows["NORM"]["val_positives"] > 0 and rows["NORM"]["train_positives"] > 0
+    assert 0 <= rows["NORM"]["text_auroc"] <= 1 and "| NORM | normal ECG |" in done.stdout
     # a re-run reuses every checkpoint and score: nothing is trained again
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "Start epoch" not in again.stderr + again.stdout
