@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
 from open_clip_ecg.data import preprocess
 from open_clip_ecg.data.pipeline import ShardFormatError, expand_shards, iterate_samples, read_shard_info
 from open_clip_ecg.data.readers.csv import CSVReader
@@ -22,7 +21,6 @@ from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.data.shards import ShardOptions, write_shards
 from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
-SHARED = shared_data_dir()
 OPTIONS = dict(shard_size=4, split_by="patient", val_fraction=0.2, test_fraction=0.2, progress=False)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -161,9 +159,8 @@ def test_a_run_that_writes_nothing_exits_non_zero_with_the_dominant_reason(synth
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "ptbxl" / "ptbxl_database.csv").exists(), reason="PTB-XL sample absent")
-def test_cinc_format_on_a_ptbxl_folder_fails(tmp_path):
-    result = run_cli("shards", "--format", "cinc", "--input", SHARED / "ptbxl", "--output", tmp_path, "--no-progress")
+def test_cinc_format_on_a_ptbxl_folder_fails(ptbxl_dir, tmp_path):
+    result = run_cli("shards", "--format", "cinc", "--input", ptbxl_dir, "--output", tmp_path, "--no-progress")
     assert result.returncode == 1, result.stderr
     assert "error: wrote 0 samples" in result.stderr and "--format cinc" in result.stderr
 
