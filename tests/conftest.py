@@ -100,6 +100,28 @@ def synthetic_shards(tmp_path_factory):
     return out
 
 
+def tiny_run_args(shards, logs, *extra):
+    """`open_clip_ecg.train.main` flags of the shared tiny run (logs/tiny); `extra` flags win."""
+    return ["--model", "ECG-RN18-CLIPText", "--train-data", str(shards / "train-*.tar"),
+            "--val-data", str(shards / "val-*.tar"), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+            "--lr", "1e-3", "--warmup", "1", "--logs", str(logs), "--name", "tiny", "--seed", "0",
+            "--report-to", "tensorboard", "--zeroshot-frequency", "1", "--log-every-n-steps", "1",
+            "--ecg-seconds", "2.5", "--ecg-eval-seconds", "8", "--ecg-normalize", "zscore", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_training_run(synthetic_shards, tmp_path_factory):
+    """One epoch of ECG-RN18-CLIPText on `synthetic_shards` (batch 8, zscore, 8 s validation crop,
+    zero-shot and tensorboard), trained once for every test that reads a finished run; a test that
+    continues it copies the folder first and runs :func:`tiny_run_args` with ``--resume latest``.
+    Returns the run folder (``logs/tiny``)."""
+    import open_clip_ecg.train as ecg_train
+
+    logs = tmp_path_factory.mktemp("tiny-run")
+    assert ecg_train.main(tiny_run_args(synthetic_shards, logs)) == 0
+    return logs / "tiny"
+
+
 @pytest.fixture(scope="session")
 def random_decoder_lm(tmp_path_factory):
     """Writes a random-weight decoder LM folder (hidden 64, 2 layers, byte-level BPE tokenizer);

@@ -299,6 +299,7 @@ def superclass_counts(ptbxl_dir, folds):
     return counts, n_records
 
 
+@pytest.mark.slow
 def test_end_to_end_ptbxl(ptbxl_run, ptbxl_dir, tmp_path):
     root, checkpoint = ptbxl_run
     model, tokenizer = load_model(MODEL, str(checkpoint))
@@ -315,6 +316,7 @@ def test_end_to_end_ptbxl(ptbxl_run, ptbxl_dir, tmp_path):
     assert all(Path(p).stat().st_size > 0 for p in paths.values())
 
 
+@pytest.mark.slow
 def test_cross_institution_thresholds_from_ptbxl_applied_to_cinc(ptbxl_run, cinc_dir, tmp_path):
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.shards import ShardOptions, write_shards

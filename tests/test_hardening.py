@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_run_args
 from open_clip_ecg.data import preprocess
 from open_clip_ecg.data.pipeline import ShardFormatError, expand_shards, iterate_samples, read_shard_info
 from open_clip_ecg.data.readers.csv import CSVReader
@@ -362,22 +363,11 @@ def test_train_on_an_empty_folder_fails_before_open_clip_starts(tmp_path):
 # Models carry their own preprocessing
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_shards, tmp_path_factory):
-    """One short epoch; returns its checkpoints folder."""
-    import open_clip_ecg.train as ecg_train
-
-    logs = tmp_path_factory.mktemp("logs")
-    assert ecg_train.main(train_args(synthetic_shards, logs, "run", "--ecg-normalize", "zscore",
-                                     "--ecg-eval-seconds", "8", "--val-frequency", "0")) == 0
-    return logs / "run" / "checkpoints"
-
-
 @pytest.mark.slow
-def test_checkpoints_record_the_ecg_preprocessing(trained_run, synthetic_shards):
+def test_checkpoints_record_the_ecg_preprocessing(tiny_training_run, synthetic_shards):
     import torch
 
-    checkpoint = torch.load(trained_run / "epoch_1.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(tiny_training_run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
     cfg = checkpoint["ecg_preprocess"]
     vocabulary = json.loads((synthetic_shards / "vocabulary.json").read_text())
     assert cfg == {"model": "ECG-RN18-CLIPText", "sampling_rate": 100.0, "seconds": 2.5, "eval_seconds": 8.0,
@@ -386,16 +376,16 @@ def test_checkpoints_record_the_ecg_preprocessing(trained_run, synthetic_shards)
 
 
 @pytest.mark.slow
-def test_a_killed_checkpoint_save_leaves_nothing_after_resume(trained_run, synthetic_shards, tmp_path):
+def test_a_killed_checkpoint_save_leaves_nothing_after_resume(tiny_training_run, synthetic_shards, tmp_path):
     import open_clip_ecg.train as ecg_train
 
-    run = tmp_path / "run"
-    shutil.copytree(trained_run.parent, run)
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_training_run, run)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / "checkpoints" / f"epoch_2.pt.tmp{int(dead.stdout)}").write_bytes(b"half a checkpoint")
-    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "run", "--epochs", "2", "--resume", "latest",
-                                     "--val-frequency", "0")) == 0
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+    assert ecg_train.main(tiny_run_args(synthetic_shards, tmp_path, "--epochs", "2", "--resume", "latest",
+                                        "--val-frequency", "0")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_1.pt", "epoch_2.pt"]
 
 
 def ecg_cfg(vocabulary, rate=100.0, normalize="center", model="ECG-RN18-CLIPText"):

@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(out), "--n", "160",

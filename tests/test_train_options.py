@@ -31,7 +31,6 @@ def checkpoint(run_dir):
     return torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
 
 
-@pytest.mark.slow
 def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthetic_shards, tmp_path):
     """One run carries the options whose effect the checkpoint records (lead set, validation crop,
     normalisation, initial logit scale and bias) and those only the run's parameters show (targets,
@@ -56,7 +55,6 @@ def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthe
     assert results[-1]["zeroshot-labels-scored"] >= 1
 
 
-@pytest.mark.slow
 def test_six_lead_tower_with_identity_targets_and_no_normalisation(synthetic_shards, tmp_path):
     """The lead set comes from the tower when --ecg-leads is not given; identity targets (plain SigLIP)."""
     assert cli(["train", *train_args(synthetic_shards, tmp_path, "six-lead", "--ecg-targets", "identity",
