@@ -365,6 +365,7 @@ def test_cli_synth_then_shards_as_a_user_would(tmp_path):
 # Real data (../shared/data)
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 353 real records per rate
 @pytest.mark.parametrize("rate, length", [(500, 5000), (100, 1000)])
 def test_ptbxl_shards(ptbxl_dir, tmp_path, rate, length):
     reader = get_reader("ptbxl", ptbxl_dir, sampling_rate=rate)
