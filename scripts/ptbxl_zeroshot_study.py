@@ -425,10 +425,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 epoch, 1 seed, jaccard and identity, two settings, 50 resamples")
+                        help="smoke run: 1 epoch, 1 seed, jaccard and identity, two settings, 20 resamples")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.seeds, args.targets, args.bootstrap = 1, [0], ["jaccard", "identity"], 50
+        args.epochs, args.seeds, args.targets, args.bootstrap = 1, [0], ["jaccard", "identity"], 20
         args.supervised_epochs, args.curve_shards = 1, [1]
         args.settings, args.batch_size, args.crop_seconds, args.shard_size = ["stored-text", "sampled-text"], 32, 2.5, 64
     args.selection = {name: SELECTION[name] for name in args.settings}

@@ -1,4 +1,12 @@
-"""Shared fixtures: offline mode, the real-data folder, and small synthetic shards."""
+"""Shared fixtures and test tiers: offline mode, markers, the real-data folder, small synthetic shards.
+
+Tiers (registered here, nowhere else): ``slow`` (trains more than a few steps or runs > ~10 s),
+``distributed`` (spawns several processes), ``realdata`` (reads ``../shared/data``; added automatically
+to every test that uses one of the data fixtures below). ``pytest -m "not slow"`` is the fast loop; CI
+runs everything. Real data is found at ``../shared/data`` beside the repository or at
+``$OPEN_CLIP_ECG_SHARED_DATA``; when absent its tests skip, or fail with ``--require-data`` (or
+``OPEN_CLIP_ECG_REQUIRE_DATA=1``), so a CI that is meant to have the data cannot pass without it.
+"""
 import os
 from pathlib import Path
 
@@ -8,15 +16,72 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# fixture name -> (folder under SHARED_DATA, a file that proves the folder is complete)
+DATA_FOLDERS = {
+    "shared_data": (".", "README.md"),
+    "ptbxl_dir": ("ptbxl", "ptbxl_database.csv"),
+    "ptbxl2k_dir": ("ptbxl-2k", "ptbxl_database.csv"),
+    "cinc_dir": ("cinc", "E00009.hea"),
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--require-data", action="store_true",
+                     default=os.environ.get("OPEN_CLIP_ECG_REQUIRE_DATA", "") not in ("", "0"),
+                     help="fail (instead of skip) the tests whose real data in ../shared/data is absent "
+                          "(also OPEN_CLIP_ECG_REQUIRE_DATA=1)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs for more than about 10 s (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: trains more than a few steps or runs for more than about 10 s "
+                                       "(deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "distributed: starts several processes (torch.distributed, torchrun)")
+    config.addinivalue_line("markers", "realdata: reads the real PTB-XL / CinC samples in ../shared/data")
 
 
-def shared_data_dir() -> Path:
-    """../shared/data beside the repository, or $OPEN_CLIP_ECG_SHARED_DATA."""
-    return Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA", REPO.parent / "shared" / "data"))
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that asks for a real-data fixture as `realdata`, so `-m` can select it."""
+    for item in items:
+        if DATA_FOLDERS.keys() & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realdata)
+
+
+def _data_folder(request, fixture_name):
+    folder, proof = DATA_FOLDERS[fixture_name]
+    path = (SHARED_DATA / folder).resolve()
+    if not (path / proof).is_file():
+        message = f"real data absent: {path / proof} (set OPEN_CLIP_ECG_SHARED_DATA to its folder)"
+        if request.config.getoption("--require-data"):
+            pytest.fail(f"{message}; --require-data turns this skip into a failure", pytrace=False)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data(request) -> Path:
+    """The real-data folder (../shared/data)."""
+    return _data_folder(request, "shared_data")
+
+
+@pytest.fixture(scope="session")
+def ptbxl_dir(request) -> Path:
+    """353 real PTB-XL records (folds 1-8, 100 and 500 Hz)."""
+    return _data_folder(request, "ptbxl_dir")
+
+
+@pytest.fixture(scope="session")
+def ptbxl2k_dir(request) -> Path:
+    """1,490 real PTB-XL records at 100 Hz."""
+    return _data_folder(request, "ptbxl2k_dir")
+
+
+@pytest.fixture(scope="session")
+def cinc_dir(request) -> Path:
+    """28 real PhysioNet/CinC Challenge records at 500 Hz."""
+    return _data_folder(request, "cinc_dir")
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +98,28 @@ def synthetic_shards(tmp_path_factory):
                  ShardOptions(sampling_rate=100, seconds=10, split_by="random", val_fraction=0.2,
                               test_fraction=0.1, shard_size=16, text="report", progress=False))
     return out
+
+
+def tiny_run_args(shards, logs, *extra):
+    """`open_clip_ecg.train.main` flags of the shared tiny run (logs/tiny); `extra` flags win."""
+    return ["--model", "ECG-RN18-CLIPText", "--train-data", str(shards / "train-*.tar"),
+            "--val-data", str(shards / "val-*.tar"), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+            "--lr", "1e-3", "--warmup", "1", "--logs", str(logs), "--name", "tiny", "--seed", "0",
+            "--report-to", "tensorboard", "--zeroshot-frequency", "1", "--log-every-n-steps", "1",
+            "--ecg-seconds", "2.5", "--ecg-eval-seconds", "8", "--ecg-normalize", "zscore", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_training_run(synthetic_shards, tmp_path_factory):
+    """One epoch of ECG-RN18-CLIPText on `synthetic_shards` (batch 8, zscore, 8 s validation crop,
+    zero-shot and tensorboard), trained once for every test that reads a finished run; a test that
+    continues it copies the folder first and runs :func:`tiny_run_args` with ``--resume latest``.
+    Returns the run folder (``logs/tiny``)."""
+    import open_clip_ecg.train as ecg_train
+
+    logs = tmp_path_factory.mktemp("tiny-run")
+    assert ecg_train.main(tiny_run_args(synthetic_shards, logs)) == 0
+    return logs / "tiny"
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 
+@pytest.mark.slow
 def test_benchmark_suite_quick(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=900)

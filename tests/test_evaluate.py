@@ -1,5 +1,6 @@
 """Zero-shot evaluation: tasks, prompts, honest thresholds, reports, bad input, the evaluate and embed
-CLIs, and an end-to-end run on the real PTB-XL / CinC samples in ../shared/data (skipped when absent)."""
+CLIs, and an end-to-end run on the real PTB-XL / CinC samples in ../shared/data (skipped when absent,
+failed with --require-data)."""
 import ast
 import csv
 import io
@@ -17,7 +18,6 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from conftest import shared_data_dir
 from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader, read_shard_info
 from open_clip_ecg.embed import embed_shards, load_model
 from open_clip_ecg.evaluate import evaluate_zeroshot, write_report
@@ -26,7 +26,6 @@ from open_clip_ecg.prompts import task_prompts
 from open_clip_ecg.tasks import get_task
 
 MODEL = "ECG-RN18-CLIPText"
-SHARED = shared_data_dir()
 
 
 def run_cli(*args):
@@ -259,15 +258,13 @@ def test_embed_cli_writes_normalised_embeddings_in_shard_order(synthetic_shards,
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ptbxl_run(tmp_path_factory):
+def ptbxl_run(ptbxl_dir, tmp_path_factory):
     """PTB-XL shards (100 Hz; train folds 1-6, val 8, test 7) and a model after a few SigLIP steps."""
-    if not (SHARED / "ptbxl" / "ptbxl_database.csv").exists():
-        pytest.skip("PTB-XL sample absent")
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.shards import ShardOptions, write_shards
 
     root = tmp_path_factory.mktemp("ptbxl")
-    write_shards(get_reader("ptbxl", SHARED / "ptbxl", sampling_rate=100), root,
+    write_shards(get_reader("ptbxl", ptbxl_dir, sampling_rate=100), root,
                  ShardOptions(sampling_rate=100, val_folds=(8,), test_folds=(7,), text="labels", shard_size=400,
                               workers=2, progress=False))
     torch.manual_seed(0)
@@ -289,10 +286,10 @@ def ptbxl_run(tmp_path_factory):
     return root, path
 
 
-def superclass_counts(folds):
+def superclass_counts(ptbxl_dir, folds):
     """Superclass positives per label on PTB-XL folds, straight from the CSVs (independent of tasks.py)."""
-    database = pd.read_csv(SHARED / "ptbxl" / "ptbxl_database.csv")
-    statements = pd.read_csv(SHARED / "ptbxl" / "scp_statements.csv", index_col=0)
+    database = pd.read_csv(ptbxl_dir / "ptbxl_database.csv")
+    statements = pd.read_csv(ptbxl_dir / "scp_statements.csv", index_col=0)
     classes = statements[statements.diagnostic == 1].diagnostic_class
     counts, n_records = Counter(), 0
     for row in database[database.strat_fold.isin(folds)].itertuples():
@@ -302,28 +299,32 @@ def superclass_counts(folds):
     return counts, n_records
 
 
-def test_end_to_end_ptbxl_and_cross_institution(ptbxl_run, tmp_path):
+@pytest.mark.slow
+def test_end_to_end_ptbxl(ptbxl_run, ptbxl_dir, tmp_path):
     root, checkpoint = ptbxl_run
     model, tokenizer = load_model(MODEL, str(checkpoint))
     result = evaluate_zeroshot(model, tokenizer, str(root), "ptbxl-super", split="test", val_data=str(root),
                                val_split="val", seconds=2.5, n_bootstrap=100)
-    counts, n_records = superclass_counts([7])
+    counts, n_records = superclass_counts(ptbxl_dir, [7])
     assert result.metrics["data"]["records_evaluated"] == n_records
     assert {r["code"]: r["n_positive"] for r in result.metrics["per_label"]} == {c: counts[c] for c in result.task.codes}
-    assert result.metrics["thresholds"]["val_records"] == superclass_counts([8])[1]
+    assert result.metrics["thresholds"]["val_records"] == superclass_counts(ptbxl_dir, [8])[1]
     y, s = result.scores.y_true, result.scores.y_score
     assert result.metrics["headline"]["micro_auroc"] == pytest.approx(roc_auc_score(y.ravel(), s.ravel()))
     assert ((s > 0) & (s < 1)).all()
     paths = write_report(result, tmp_path / "super")
     assert all(Path(p).stat().st_size > 0 for p in paths.values())
 
-    if not (SHARED / "cinc").is_dir():
-        return
+
+@pytest.mark.slow
+def test_cross_institution_thresholds_from_ptbxl_applied_to_cinc(ptbxl_run, cinc_dir, tmp_path):
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.shards import ShardOptions, write_shards
 
+    root, checkpoint = ptbxl_run
+    model, tokenizer = load_model(MODEL, str(checkpoint))
     cinc = tmp_path / "cinc"
-    write_shards(get_reader("cinc", SHARED / "cinc"), cinc,
+    write_shards(get_reader("cinc", cinc_dir), cinc,
                  ShardOptions(sampling_rate=100, split_by="random", val_fraction=0.0, test_fraction=0.999,
                               text="labels", progress=False))
     cross = evaluate_zeroshot(model, tokenizer, str(cinc), "ptbxl-cinc-shared", split="test", val_data=str(root),
@@ -331,7 +332,7 @@ def test_end_to_end_ptbxl_and_cross_institution(ptbxl_run, tmp_path):
     test_keys = {s["key"] for s in iterate_samples(expand_shards(str(cinc), split="test"))}
     assert cross.metrics["data"]["records_evaluated"] == len(test_keys)
     af = next(r for r in cross.metrics["per_label"] if r["code"] == "AFIB")
-    dx = {p.stem: p.read_text() for p in (SHARED / "cinc").glob("*.hea")}
+    dx = {p.stem: p.read_text() for p in cinc_dir.glob("*.hea")}
     assert af["n_positive"] == sum("164889003" in dx[k.removeprefix("cinc_")] for k in test_keys)
     assert cross.metrics["thresholds"]["val_data"].endswith("(split val)")  # chosen on PTB-XL, applied to CinC
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from conftest import tiny_run_args
 from open_clip_ecg.data import preprocess
 from open_clip_ecg.data.pipeline import ShardFormatError, expand_shards, iterate_samples, read_shard_info
 from open_clip_ecg.data.readers.csv import CSVReader
@@ -22,7 +22,6 @@ from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.data.shards import ShardOptions, write_shards
 from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
-SHARED = shared_data_dir()
 OPTIONS = dict(shard_size=4, split_by="patient", val_fraction=0.2, test_fraction=0.2, progress=False)
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -161,9 +160,8 @@ def test_a_run_that_writes_nothing_exits_non_zero_with_the_dominant_reason(synth
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "ptbxl" / "ptbxl_database.csv").exists(), reason="PTB-XL sample absent")
-def test_cinc_format_on_a_ptbxl_folder_fails(tmp_path):
-    result = run_cli("shards", "--format", "cinc", "--input", SHARED / "ptbxl", "--output", tmp_path, "--no-progress")
+def test_cinc_format_on_a_ptbxl_folder_fails(ptbxl_dir, tmp_path):
+    result = run_cli("shards", "--format", "cinc", "--input", ptbxl_dir, "--output", tmp_path, "--no-progress")
     assert result.returncode == 1, result.stderr
     assert "error: wrote 0 samples" in result.stderr and "--format cinc" in result.stderr
 
@@ -365,22 +363,11 @@ def test_train_on_an_empty_folder_fails_before_open_clip_starts(tmp_path):
 # Models carry their own preprocessing
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_shards, tmp_path_factory):
-    """One short epoch; returns its checkpoints folder."""
-    import open_clip_ecg.train as ecg_train
-
-    logs = tmp_path_factory.mktemp("logs")
-    assert ecg_train.main(train_args(synthetic_shards, logs, "run", "--ecg-normalize", "zscore",
-                                     "--ecg-eval-seconds", "8", "--val-frequency", "0")) == 0
-    return logs / "run" / "checkpoints"
-
-
 @pytest.mark.slow
-def test_checkpoints_record_the_ecg_preprocessing(trained_run, synthetic_shards):
+def test_checkpoints_record_the_ecg_preprocessing(tiny_training_run, synthetic_shards):
     import torch
 
-    checkpoint = torch.load(trained_run / "epoch_1.pt", map_location="cpu", weights_only=True)
+    checkpoint = torch.load(tiny_training_run / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
     cfg = checkpoint["ecg_preprocess"]
     vocabulary = json.loads((synthetic_shards / "vocabulary.json").read_text())
     assert cfg == {"model": "ECG-RN18-CLIPText", "sampling_rate": 100.0, "seconds": 2.5, "eval_seconds": 8.0,
@@ -389,16 +376,16 @@ def test_checkpoints_record_the_ecg_preprocessing(trained_run, synthetic_shards)
 
 
 @pytest.mark.slow
-def test_a_killed_checkpoint_save_leaves_nothing_after_resume(trained_run, synthetic_shards, tmp_path):
+def test_a_killed_checkpoint_save_leaves_nothing_after_resume(tiny_training_run, synthetic_shards, tmp_path):
     import open_clip_ecg.train as ecg_train
 
-    run = tmp_path / "run"
-    shutil.copytree(trained_run.parent, run)
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_training_run, run)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (run / "checkpoints" / f"epoch_2.pt.tmp{int(dead.stdout)}").write_bytes(b"half a checkpoint")
-    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "run", "--epochs", "2", "--resume", "latest",
-                                     "--val-frequency", "0")) == 0
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_2.pt"]
+    assert ecg_train.main(tiny_run_args(synthetic_shards, tmp_path, "--epochs", "2", "--resume", "latest",
+                                        "--val-frequency", "0")) == 0
+    assert sorted(p.name for p in (run / "checkpoints").glob("epoch_*")) == ["epoch_1.pt", "epoch_2.pt"]
 
 
 def ecg_cfg(vocabulary, rate=100.0, normalize="center", model="ECG-RN18-CLIPText"):

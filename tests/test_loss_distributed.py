@@ -89,6 +89,7 @@ def run_workers(world_size, tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_every_dist_impl_and_target_mode_matches_single_process(world_size, tmp_path):
     image, text, labels = global_batch(world_size)

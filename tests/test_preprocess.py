@@ -1,6 +1,4 @@
 """preprocess_record: resampling, lead order, missing-lead / non-finite / flat / length policies."""
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,10 +6,6 @@ import pytest
 from open_clip_ecg.data.preprocess import fix_length, preprocess_record, resample
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.leads import LEAD_SETS, STANDARD_LEADS
-
-SHARED_DATA = Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
-
 
 def make_record(signal, fs=500, leads=STANDARD_LEADS, record_id="rec1"):
     entry = RecordEntry(record_id=record_id, path=f"/data/{record_id}", patient_id="p1")
@@ -172,10 +166,9 @@ def test_float16_output_and_overflow_check():
     assert err.value.reason == "non_finite" and "float16" in err.value.detail
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "ptbxl" / "ptbxl_database.csv").is_file(), reason="no PTB-XL sample data")
-def test_ptbxl_100hz_upsampled_matches_500hz_record():
+def test_ptbxl_100hz_upsampled_matches_500hz_record(ptbxl_dir):
     from open_clip_ecg.data.readers.ptbxl import PTBXLReader
-    low, high = PTBXLReader(SHARED_DATA / "ptbxl", 100), PTBXLReader(SHARED_DATA / "ptbxl", 500)
+    low, high = PTBXLReader(ptbxl_dir, 100), PTBXLReader(ptbxl_dir, 500)
     for entry_low, entry_high, _ in zip(low.entries(), high.entries(), range(5)):
         up = preprocess_record(low.load(entry_low), 500, 10).astype(np.float32)
         down = preprocess_record(high.load(entry_high), 100, 10).astype(np.float32)

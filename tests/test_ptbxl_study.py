@@ -5,16 +5,13 @@ import sys
 
 import pytest
 
-from conftest import REPO, shared_data_dir
-
-PTBXL = shared_data_dir() / "ptbxl"
+from conftest import REPO
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (PTBXL / "ptbxl_database.csv").exists(), reason="no ../shared/data/ptbxl")
-def test_study_runs_end_to_end_on_a_tiny_budget(tmp_path):
+def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     out = tmp_path / "study"
-    command = [sys.executable, str(REPO / "scripts" / "ptbxl_zeroshot_study.py"), "--ptbxl", str(PTBXL),
+    command = [sys.executable, str(REPO / "scripts" / "ptbxl_zeroshot_study.py"), "--ptbxl", str(ptbxl_dir),
                "--out", str(out), "--quick"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]

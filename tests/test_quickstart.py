@@ -4,7 +4,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(out), "--n", "160",
@@ -18,6 +21,8 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     report = out / "report"
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["thresholds"]["source"].startswith("validation")
+    # no learning bound at this budget: 1 epoch on 160 synthetic records measured macro AUROC 0.443 (chance);
+    # learning is asserted by test_train.py::test_loss_decreases_over_epochs
     assert 0 <= metrics["headline"]["macro_auroc"] <= 1
     with open(report / "per_label.csv") as f:
         rows = list(csv.DictReader(f))

@@ -20,13 +20,6 @@ from open_clip_ecg.data.readers.wfdb_io import read_header, read_wfdb
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.leads import STANDARD_LEADS
 
-SHARED_DATA = Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA",
-                                  Path(__file__).resolve().parents[2] / "shared" / "data"))
-PTBXL = SHARED_DATA / "ptbxl"
-CINC = SHARED_DATA / "cinc"
-needs_ptbxl = pytest.mark.skipif(not (PTBXL / "ptbxl_database.csv").is_file(), reason="no PTB-XL sample data")
-needs_cinc = pytest.mark.skipif(not (CINC / "E00009.hea").is_file(), reason="no CinC sample data")
-
 MIMIC_LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]
 
 
@@ -65,10 +58,9 @@ def write_challenge_record(directory, name, val, record_line_name=None, gain=100
 
 # ---------------------------------------------------------------------------------------- PTB-XL
 
-@needs_ptbxl
 @pytest.mark.parametrize("rate, samples", [(100, 1000), (500, 5000)])
-def test_ptbxl_all_records_load_at_both_rates(rate, samples):
-    reader = get_reader("ptbxl", PTBXL, sampling_rate=rate)
+def test_ptbxl_all_records_load_at_both_rates(ptbxl_dir, rate, samples):
+    reader = get_reader("ptbxl", ptbxl_dir, sampling_rate=rate)
     entries = list(reader.entries())
     assert len(entries) == 353
     assert len({e.record_id for e in entries}) == 353
@@ -86,12 +78,11 @@ def test_ptbxl_all_records_load_at_both_rates(rate, samples):
         assert np.isfinite(record.signal).all() and np.abs(record.signal).max() < 30
 
 
-@needs_ptbxl
-def test_ptbxl_first_record_fields_and_labels_at_each_level():
+def test_ptbxl_first_record_fields_and_labels_at_each_level(ptbxl_dir):
     expected = {"all": ["LVOLT", "NORM", "SR"], "diagnostic": ["NORM"], "subclass": ["NORM"],
                 "superclass": ["NORM"], "form": ["LVOLT"], "rhythm": ["SR"]}
     for level in LABEL_LEVELS:
-        reader = PTBXLReader(PTBXL, label_level=level)
+        reader = PTBXLReader(ptbxl_dir, label_level=level)
         entries = list(reader.entries())
         first = entries[0]
         assert first.labels == expected[level], level
@@ -103,9 +94,8 @@ def test_ptbxl_first_record_fields_and_labels_at_each_level():
     assert first.metadata["sex"] == "female" and first.metadata["age"] == 56.0
 
 
-@needs_ptbxl
-def test_ptbxl_label_vocabularies_and_names():
-    statements = load_scp_statements(PTBXL)
+def test_ptbxl_label_vocabularies_and_names(ptbxl_dir):
+    statements = load_scp_statements(ptbxl_dir)
     assert len(statements) == 71
     assert scp_label_names(statements, "superclass") == {
         "CD": "conduction disturbance", "HYP": "hypertrophy", "MI": "myocardial infarction",
@@ -117,13 +107,12 @@ def test_ptbxl_label_vocabularies_and_names():
     assert scp_label_names(statements, "subclass")["_AVB"] == "atrioventricular block"
     assert scp_label_names(statements, "all")["IMI"] == "inferior myocardial infarction"
     # Every record's superclass labels come from its diagnostic statements.
-    counts = Counter(code for e in PTBXLReader(PTBXL, label_level="superclass").entries() for code in e.labels)
+    counts = Counter(code for e in PTBXLReader(ptbxl_dir, label_level="superclass").entries() for code in e.labels)
     assert set(counts) == {"NORM", "MI", "STTC", "CD", "HYP"} and counts["NORM"] > 150
 
 
-@needs_ptbxl
-def test_scp_codes_at_level_groups_and_likelihood_threshold():
-    statements = load_scp_statements(PTBXL / "scp_statements.csv")
+def test_scp_codes_at_level_groups_and_likelihood_threshold(ptbxl_dir):
+    statements = load_scp_statements(ptbxl_dir / "scp_statements.csv")
     codes = {"ASMI": 100.0, "ILMI": 50.0, "LAFB": 15.0, "SR": 0.0, "PVC": 0.0}
     assert scp_codes_at_level(codes, statements, "subclass") == ["AMI", "IMI", "LAFB/LPFB"]
     assert scp_codes_at_level(codes, statements, "superclass") == ["CD", "MI"]
@@ -132,12 +121,12 @@ def test_scp_codes_at_level_groups_and_likelihood_threshold():
     # Likelihood 0 means unknown: kept at any threshold; known low likelihoods are dropped.
     assert scp_codes_at_level(codes, statements, "all", threshold=20) == ["ASMI", "ILMI", "PVC", "SR"]
     assert scp_codes_at_level(codes, statements, "superclass", threshold=60) == ["MI"]
-    reader = PTBXLReader(PTBXL, label_level="diagnostic", likelihood_threshold=100)
+    reader = PTBXLReader(ptbxl_dir, label_level="diagnostic", likelihood_threshold=100)
     assert all(e.metadata["scp_codes"][c] in (0.0, 100.0) for e in reader.entries() for c in e.labels)
     with pytest.raises(ValueError, match="label level"):
-        PTBXLReader(PTBXL, label_level="nonsense")
+        PTBXLReader(ptbxl_dir, label_level="nonsense")
     with pytest.raises(ValueError, match="100 or 500"):
-        PTBXLReader(PTBXL, sampling_rate=250)
+        PTBXLReader(ptbxl_dir, sampling_rate=250)
 
 
 def test_ptbxl_reader_rejects_a_folder_without_database(tmp_path):
@@ -147,11 +136,10 @@ def test_ptbxl_reader_rejects_a_folder_without_database(tmp_path):
 
 # ------------------------------------------------------------------------------------------ CinC
 
-@needs_cinc
-def test_cinc_all_28_records_load_including_georgia_quirk():
+def test_cinc_all_28_records_load_including_georgia_quirk(cinc_dir):
     with pytest.raises(wfdb.io.header.HeaderSyntaxError):
-        wfdb.rdheader(str(CINC / "E00009"))  # the quirk is still in the data: the repair is needed
-    reader = CinCReader(CINC)
+        wfdb.rdheader(str(cinc_dir / "E00009"))  # the quirk is still in the data: the repair is needed
+    reader = CinCReader(cinc_dir)
     entries = list(reader.entries())
     assert len(entries) == 28
     assert sum(e.record_id.startswith("cinc_E") for e in entries) == 4
@@ -169,9 +157,8 @@ def test_cinc_all_28_records_load_including_georgia_quirk():
     assert min(lengths.values()) == 5000
 
 
-@needs_cinc
-def test_cinc_dx_codes_named_and_metadata():
-    reader = CinCReader(CINC)
+def test_cinc_dx_codes_named_and_metadata(cinc_dir):
+    reader = CinCReader(cinc_dir)
     entries = {e.record_id: e for e in reader.entries()}
     georgia = entries["cinc_E00009"]
     assert georgia.labels == ["428750005", "39732003", "427084000"]
@@ -184,12 +171,11 @@ def test_cinc_dx_codes_named_and_metadata():
     assert all(e.labels for e in entries.values())
 
 
-@needs_cinc
-def test_cinc_mat_conversion_matches_wfdb_and_georgia_header_is_repaired():
-    signal, fs, names = read_wfdb(CINC / "HR00599")
-    reference, _ = wfdb.rdsamp(str(CINC / "HR00599"))
+def test_cinc_mat_conversion_matches_wfdb_and_georgia_header_is_repaired(cinc_dir):
+    signal, fs, names = read_wfdb(cinc_dir / "HR00599")
+    reference, _ = wfdb.rdsamp(str(cinc_dir / "HR00599"))
     np.testing.assert_allclose(signal, reference.T, atol=1e-5)
-    header = read_header(CINC / "E00009")
+    header = read_header(cinc_dir / "E00009")
     assert header.record_name == "E00009" and header.adc_gain[0] == 4880 and header.sig_len == 5000
 
 

@@ -3,6 +3,7 @@ label alignment, checkpoints, rejected flags, learning."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import open_clip_ecg.train as ecg_train
+from conftest import tiny_run_args
 from open_clip_ecg.data import pipeline
 
 MODEL = "ECG-RN18-CLIPText"
@@ -25,24 +27,18 @@ def train_args(shards, logs, name, *extra):
             "--zeroshot-frequency", "1", "--log-every-n-steps", "1", "--ecg-seconds", "2.5", *extra]
 
 
-@pytest.fixture(scope="module")
-def trained(synthetic_shards, tmp_path_factory):
-    """One epoch in one process; returns the run's log folder."""
-    logs = tmp_path_factory.mktemp("logs")
-    assert ecg_train.main(train_args(synthetic_shards, logs, "one")) == 0
-    return logs / "one"
-
-
 def _results(run_dir):
     with open(run_dir / "checkpoints" / "results.jsonl") as f:
         return [json.loads(line) for line in f]
 
 
-def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(trained):
+@pytest.mark.slow
+def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(tiny_training_run):
+    trained = tiny_training_run
     assert (trained / "checkpoints" / "epoch_1.pt").exists()
     assert not list((trained / "checkpoints").glob("*.tmp"))
     results = _results(trained)
-    assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0
+    assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0  # one epoch: at chance (see test_loss_decreases...)
     assert results[-1]["zeroshot-labels-scored"] >= 1
     assert "clip_val_loss" in results[-1]  # open_clip's own val loss still runs
     assert list((trained / "tensorboard").glob("events.*"))
@@ -50,8 +46,9 @@ def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(trained):
     assert "Zero-shot (epoch 1)" in log and "precision: fp32" in log and "siglip: True" in log
 
 
-def test_checkpoint_loads_with_create_model_and_gives_the_trained_outputs(trained):
-    path = trained / "checkpoints" / "epoch_1.pt"
+@pytest.mark.slow
+def test_checkpoint_loads_with_create_model_and_gives_the_trained_outputs(tiny_training_run):
+    path = tiny_training_run / "checkpoints" / "epoch_1.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     reference = open_clip.create_model(MODEL, init_logit_bias=-10)
     reference.load_state_dict(checkpoint["state_dict"])
@@ -66,14 +63,14 @@ def test_checkpoint_loads_with_create_model_and_gives_the_trained_outputs(traine
         assert not torch.allclose(loaded.encode_image(ecg), fresh.encode_image(ecg))
 
 
-def test_resume_latest_continues_from_the_last_epoch(synthetic_shards, tmp_path):
-    args = train_args(synthetic_shards, tmp_path, "resumed", "--val-frequency", "0")
-    assert ecg_train.main(args) == 0
-    assert ecg_train.main(args[:args.index("--epochs") + 1] + ["2"] + args[args.index("--epochs") + 2:]
-                          + ["--resume", "latest"]) == 0
-    checkpoints = tmp_path / "resumed" / "checkpoints"
+@pytest.mark.slow
+def test_resume_latest_continues_from_the_last_epoch(tiny_training_run, synthetic_shards, tmp_path):
+    shutil.copytree(tiny_training_run, tmp_path / "tiny")  # the shared one-epoch run, continued for a second
+    assert ecg_train.main(tiny_run_args(synthetic_shards, tmp_path, "--epochs", "2", "--resume", "latest",
+                                        "--val-frequency", "0")) == 0
+    checkpoints = tmp_path / "tiny" / "checkpoints"
     assert (checkpoints / "epoch_2.pt").exists()
-    log = (tmp_path / "resumed" / "out.log").read_text()
+    log = (tmp_path / "tiny" / "out.log").read_text()
     assert "resuming checkpoint" in log and "(epoch 1)" in log
     assert torch.load(checkpoints / "epoch_2.pt", weights_only=True)["epoch"] == 2
 
@@ -89,6 +86,7 @@ class _RecordingLoss(ecg_train.MultiLabelSigLipLoss):
                                output_dict)
 
 
+@pytest.mark.slow
 def test_accum_freq_2_gives_the_loss_labels_of_every_accumulated_pair(synthetic_shards, tmp_path, monkeypatch):
     batches = []
     original = pipeline._collate_pairs
@@ -148,7 +146,11 @@ def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_p
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loss_decreases_over_epochs(synthetic_shards, tmp_path):
+    """Learning, asserted on the loss: at this budget zero-shot AUROC is still at chance (measured on the
+    18 val records: macro AUROC 0.418 after 1 epoch, 0.455 for the shared tiny run, 0.520 after these 4), so
+    no AUROC bound is set."""
     assert ecg_train.main(train_args(synthetic_shards, tmp_path, "learn", "--epochs", "4",
                                      "--val-frequency", "0", "--lr", "2e-3")) == 0
     log = (tmp_path / "learn" / "out.log").read_text()
@@ -158,6 +160,8 @@ def test_loss_decreases_over_epochs(synthetic_shards, tmp_path):
     assert sum(losses[-quarter:]) / quarter < 0.7 * sum(losses[:quarter]) / quarter
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_two_processes_with_gloo(synthetic_shards, tmp_path):
     """`torchrun -m open_clip_ecg.train` on CPUs: DDP with gloo, the loss over 2 ranks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -172,6 +176,7 @@ def test_torchrun_two_processes_with_gloo(synthetic_shards, tmp_path):
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt").exists()
 
 
+@pytest.mark.slow
 def test_lock_image_with_frozen_batch_norm_keeps_the_tower_and_its_statistics(synthetic_shards, tmp_path):
     import random
 
@@ -191,14 +196,18 @@ def test_lock_image_with_frozen_batch_norm_keeps_the_tower_and_its_statistics(sy
     assert not torch.equal(trained["visual.head.proj.weight"], initial["visual.head.proj.weight"])
 
 
+@pytest.mark.slow
 def test_amp_bf16_trains_and_runs_zero_shot_validation(synthetic_shards, tmp_path):
-    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "bf16", "--precision", "amp_bf16")) == 0
+    """Two steps: bfloat16 autocast is emulated (slow) on CPUs without it."""
+    assert ecg_train.main(train_args(synthetic_shards, tmp_path, "bf16", "--precision", "amp_bf16",
+                                     "--train-num-samples", "16")) == 0
     results = _results(tmp_path / "bf16")
     assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0
     checkpoint = torch.load(tmp_path / "bf16" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert checkpoint["state_dict"]["logit_scale"].dtype == torch.float32  # amp keeps parameters in fp32
 
 
+@pytest.mark.slow
 def test_resampled_shards_with_two_workers(synthetic_shards, tmp_path):
     """--dataset-resampled (sampling shards with replacement) and several loader workers per rank."""
     args = train_args(synthetic_shards, tmp_path, "resampled", "--dataset-resampled",
@@ -209,6 +218,7 @@ def test_resampled_shards_with_two_workers(synthetic_shards, tmp_path):
     assert "[48/48 (100%)]" in log  # 48 samples = 3 batches of 8 per worker x 2 workers
 
 
+@pytest.mark.slow
 def test_ecg_text_model_pairs_the_tower_with_a_local_hf_folder(synthetic_shards, tmp_path):
     """--ecg-text-model: the MiniLM folder stands in for a user's downloaded clinical BERT."""
     from open_clip_ecg.registry import resolve_package_folder
@@ -279,6 +289,7 @@ def test_logit_step_amplifier_stretches_only_the_logit_parameters():
     assert float(model.logit_scale) == pytest.approx(0.5 - 0.1)
 
 
+@pytest.mark.slow
 def test_sampled_training_text_trains_and_logs_truncation(synthetic_shards, tmp_path, caplog):
     assert ecg_train.main(train_args(synthetic_shards, tmp_path, "sampled", "--ecg-text", "sampled",
                                      "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0

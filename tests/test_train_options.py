@@ -1,0 +1,111 @@
+"""The --ecg-* options and the refused open_clip flags, through `open-clip-ecg train` on tiny runs:
+reduced-lead towers, every target mode, validation crop, normalisation, amplitude scaling, initial
+SigLIP scale/bias, train/val vocabularies that differ, and every flag in REJECTED_FLAGS."""
+import ast
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from open_clip_ecg import LEAD_SETS
+from open_clip_ecg.cli import main as cli
+from open_clip_ecg.train import REJECTED_FLAGS
+
+
+def train_args(shards, logs, name, *extra, model="ECG-RN18-CLIPText"):
+    """Two optimizer steps of 8 pairs (16 samples), fp32, one process."""
+    return ["--model", model, "--train-data", str(shards / "train-*.tar"), "--val-data", str(shards / "val-*.tar"),
+            "--batch-size", "8", "--train-num-samples", "16", "--epochs", "1", "--workers", "0", "--lr", "1e-3",
+            "--warmup", "1", "--logs", str(logs), "--name", name, "--seed", "0", "--ecg-seconds", "2.5", *extra]
+
+
+def ecg_options_logged(run_dir):
+    """The --ecg-* options as open_clip_train recorded them in params.txt (its `ecg: Namespace(...)` line)."""
+    line = next(line for line in (run_dir / "params.txt").read_text().splitlines() if line.startswith("ecg: "))
+    return {k: ast.literal_eval(v) for k, v in re.findall(r"(\w+)=((?:\[[^\]]*\]|\([^)]*\)|'[^']*'|[^,)]+))", line)}
+
+
+def checkpoint(run_dir):
+    return torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+
+
+def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthetic_shards, tmp_path):
+    """One run carries the options whose effect the checkpoint records (lead set, validation crop,
+    normalisation, initial logit scale and bias) and those only the run's parameters show (targets,
+    amplitude scaling); zero-shot validation runs on the 4 s centre crop."""
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "one-lead", "--ecg-leads", "1", "--ecg-targets",
+                                     "exact", "--ecg-eval-seconds", "4", "--ecg-normalize", "zscore",
+                                     "--ecg-amplitude-scale", "0.8", "1.2", "--ecg-init-logit-scale", "5",
+                                     "--ecg-init-logit-bias", "-3", "--zeroshot-frequency", "1",
+                                     model="ECG-RN18-1Lead-CLIPText")]) == 0
+    run = tmp_path / "one-lead"
+    saved = checkpoint(run)
+    preprocess = saved["ecg_preprocess"]
+    assert preprocess["leads"] == LEAD_SETS["1"] == ["I"]
+    assert (preprocess["eval_seconds"], preprocess["seconds"], preprocess["normalize"]) == (4.0, 2.5, "zscore")
+    # two AdamW steps of lr 1e-3 move the logit scale/bias by ~2e-3 from where the flags put them
+    assert float(saved["state_dict"]["logit_scale"]) == pytest.approx(np.log(5.0), abs=0.01)
+    assert float(saved["state_dict"]["logit_bias"]) == pytest.approx(-3.0, abs=0.01)
+    assert saved["state_dict"]["visual.trunk.conv1.weight"].shape[1] == 1  # the 1-lead tower was trained
+    options = ecg_options_logged(run)
+    assert options["ecg_targets"] == "exact" and tuple(options["ecg_amplitude_scale"]) == (0.8, 1.2)
+    results = [json.loads(line) for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert results[-1]["zeroshot-labels-scored"] >= 1
+
+
+def test_six_lead_tower_with_identity_targets_and_no_normalisation(synthetic_shards, tmp_path):
+    """The lead set comes from the tower when --ecg-leads is not given; identity targets (plain SigLIP)."""
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "six-lead", "--ecg-targets", "identity",
+                                     "--ecg-normalize", "none", "--val-frequency", "0", "--zeroshot-frequency", "0",
+                                     model="ECG-RN18-6Lead-CLIPText")]) == 0
+    run = tmp_path / "six-lead"
+    preprocess = checkpoint(run)["ecg_preprocess"]
+    assert preprocess["leads"] == LEAD_SETS["6"] and preprocess["normalize"] == "none"
+    assert preprocess["eval_seconds"] == 10.0  # default: the whole stored record
+    assert ecg_options_logged(run)["ecg_targets"] == "identity"
+
+
+def test_train_and_val_shards_with_different_vocabularies_are_refused(synthetic_shards, tmp_path, capsys):
+    """Labels are ids into the training vocabulary: val shards written in another run cannot be scored."""
+    assert cli(["synth", "--output", str(tmp_path / "other"), "--n", "6", "--seed", "7", "--sampling-rate", "100",
+                "--workers", "1"]) == 0
+    assert cli(["shards", "--format", "csv", "--input", str(tmp_path / "other" / "records.csv"), "--output",
+                str(tmp_path / "other-shards"), "--sampling-rate", "100", "--split-by", "random",
+                "--val-fraction", "0.5", "--test-fraction", "0", "--no-progress"]) == 0
+    codes = [[v["code"] for v in json.loads((folder / "vocabulary.json").read_text())]
+             for folder in (synthetic_shards, tmp_path / "other-shards")]
+    assert codes[0] != codes[1]  # the premise: two different vocabularies
+    args = train_args(synthetic_shards, tmp_path, "mismatch")
+    args[args.index("--val-data") + 1] = str(tmp_path / "other-shards" / "val-*.tar")
+    capsys.readouterr()
+    assert cli(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert "label vocabularies" in err and "differ" in err and "one `open-clip-ecg shards` run" in err
+    assert not (tmp_path / "mismatch" / "checkpoints" / "epoch_1.pt").exists()
+
+
+# A value for each flag open_clip_train accepts but ECG training refuses; a flag added to REJECTED_FLAGS
+# without one here fails test_every_rejected_flag_has_a_test_value.
+REJECTED_FLAG_VALUES = {
+    "imagenet_val": ["/x"], "imagenet_v2": ["/x"], "horovod": [], "force_patch_dropout": ["0.5"],
+    "distill_model": ["RN50"], "trace": [], "torchscript": [], "pretrained_image": [], "local_loss": [],
+    "gather_with_grad": [], "aug_cfg": ["scale=(0.9,1.0)"], "force_image_size": ["224"],
+    "image_mean": ["0.5", "0.5", "0.5"], "image_std": ["0.5", "0.5", "0.5"],
+}
+
+
+def test_every_rejected_flag_has_a_test_value():
+    assert set(REJECTED_FLAG_VALUES) == set(REJECTED_FLAGS)
+
+
+@pytest.mark.parametrize("flag", sorted(REJECTED_FLAGS))
+def test_every_rejected_flag_fails_in_one_line_with_its_advice(synthetic_shards, tmp_path, capsys, flag):
+    option = "--" + flag.replace("_", "-")
+    status = cli(["train", *train_args(synthetic_shards, tmp_path, "rejected"), option,
+                  *REJECTED_FLAG_VALUES.get(flag, [])])
+    err = capsys.readouterr().err
+    assert status == 2, err[-2000:]
+    assert f"{option}: {REJECTED_FLAGS[flag]}" in err
+    assert "Traceback" not in err and not (tmp_path / "rejected").exists()  # refused before open_clip starts
