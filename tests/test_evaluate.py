@@ -18,7 +18,8 @@ import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
 from conftest import shared_data_dir
-from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader, read_shard_info
+from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader
 from open_clip_ecg.embed import embed_shards, load_model
 from open_clip_ecg.evaluate import evaluate_zeroshot, write_report
 from open_clip_ecg.loss import MultiLabelSigLipLoss
@@ -264,7 +265,7 @@ def ptbxl_run(tmp_path_factory):
     if not (SHARED / "ptbxl" / "ptbxl_database.csv").exists():
         pytest.skip("PTB-XL sample absent")
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 
     root = tmp_path_factory.mktemp("ptbxl")
     write_shards(get_reader("ptbxl", SHARED / "ptbxl", sampling_rate=100), root,
@@ -320,7 +321,7 @@ def test_end_to_end_ptbxl_and_cross_institution(ptbxl_run, tmp_path):
     if not (SHARED / "cinc").is_dir():
         return
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 
     cinc = tmp_path / "cinc"
     write_shards(get_reader("cinc", SHARED / "cinc"), cinc,

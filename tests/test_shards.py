@@ -16,11 +16,13 @@ import webdataset as wds
 import wfdb
 from braceexpand import braceexpand
 
-from open_clip_ecg.data import shards
+from open_clip_ecg.data import shard_writer
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.readers.csv import CSVReader
-from open_clip_ecg.data.record import RecordEntry
-from open_clip_ecg.data.shards import ShardOptions, assign_splits, shard_pattern, write_shards
+from open_clip_ecg.data.record import RecordEntry, RecordError
+from open_clip_ecg.data.shard_format import sample_key, shard_pattern
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+from open_clip_ecg.data.splits import assign_splits
 from open_clip_ecg.data.synthetic import FINDINGS, write_synthetic_dataset
 from open_clip_ecg.data.text import compose_label_text, make_text
 from open_clip_ecg.data.vocabulary import labels_to_multi_hot, load_vocabulary
@@ -91,7 +93,7 @@ def test_samples_sizes_manifest_and_vocabulary(synth_csv, reference):
     seen = set()
     for shard in manifest["shards"]:
         path = out / shard["name"]
-        assert shards._sha256(path) == shard["sha256"]
+        assert shard_writer._sha256(path) == shard["sha256"]
         samples = tar_samples(path)
         assert len(samples) == sizes[shard["name"]] == shard["samples"] <= 6
         for key, members in samples.items():
@@ -122,7 +124,7 @@ def test_samples_sizes_manifest_and_vocabulary(synth_csv, reference):
 
 
 def test_keys_patterns_and_multi_hot():
-    assert shards.sample_key("records500/00000/00001_hr.v2 x") == "records500_00000_00001_hr_v2_x"
+    assert sample_key("records500/00000/00001_hr.v2 x") == "records500_00000_00001_hr_v2_x"
     assert shard_pattern(["train-000000.tar"]) == "train-000000.tar"
     assert shard_pattern(["val-000000.tar", "val-000001.tar", "val-000002.tar"]) == "val-{000000..000002}.tar"
     assert labels_to_multi_hot([0, 3], 5).tolist() == [1, 0, 0, 1, 0]
@@ -140,7 +142,7 @@ def test_text_modes():
     assert compose_label_text(["b", "A", "c", "b"]) == "ECG with A, b and c."
     assert make_text(RecordEntry("r2", "p", "p", labels=["X"]), {}, "labels") == "ECG with X."
     for mode, reason in (("report", "no_report"), ("labels", "no_labels"), ("both", "no_report")):
-        with pytest.raises(shards.RecordError) as err:
+        with pytest.raises(RecordError) as err:
             make_text(RecordEntry("r3", "/data/r3", "p"), names, mode)
         assert err.value.reason == reason and err.value.path == "/data/r3"
 
@@ -212,10 +214,10 @@ def crash_on_call(monkeypatch, owner, name, at, exception=Crash):
 
 
 @pytest.mark.parametrize("owner, name, at, workers", [
-    (shards._ShardFile, "finish", 3, 1),            # the third shard is complete but not renamed
-    (shards._ShardFile, "add", 10, 1),              # in the middle of the second shard
-    (shards._ShardFile, "add", 26, 2),              # in the val/test splits, with a worker pool
-    (shards, "_write_json_atomic", None, 1),        # every shard done, manifest not yet written
+    (shard_writer._ShardFile, "finish", 3, 1),      # the third shard is complete but not renamed
+    (shard_writer._ShardFile, "add", 10, 1),        # in the middle of the second shard
+    (shard_writer._ShardFile, "add", 26, 2),        # in the val/test splits, with a worker pool
+    (shard_writer, "write_folder_json", None, 1),   # every shard done, manifest not yet written
 ])
 def test_interrupted_run_completes_identically(synth_csv, reference, tmp_path, monkeypatch, owner, name, at, workers):
     out, manifest = reference
@@ -234,7 +236,7 @@ def test_interrupted_run_completes_identically(synth_csv, reference, tmp_path, m
 def test_resume_skips_verified_shards_and_redoes_damaged_ones(synth_csv, reference, tmp_path, monkeypatch):
     out, _ = reference
     with monkeypatch.context() as patch:
-        crash_on_call(patch, shards._ShardFile, "add", 22)  # after three train shards
+        crash_on_call(patch, shard_writer._ShardFile, "add", 22)  # after three train shards
         with pytest.raises(Crash):
             write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
     progress = json.loads((tmp_path / "progress.json").read_text())
@@ -245,8 +247,8 @@ def test_resume_skips_verified_shards_and_redoes_damaged_ones(synth_csv, referen
     with open(tmp_path / "train-000001.tar", "r+b") as f:
         f.truncate(1000)
     encoded = Counter()
-    call = shards.SampleEncoder.__call__
-    monkeypatch.setattr(shards.SampleEncoder, "__call__", lambda self, item: encoded.update([1]) or call(self, item))
+    call = shard_writer.SampleEncoder.__call__
+    monkeypatch.setattr(shard_writer.SampleEncoder, "__call__", lambda self, item: encoded.update([1]) or call(self, item))
     write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
     assert encoded[1] == 30 - 6  # shard 0 kept; shard 1 failed its checksum, so it and the rest are redone
     assert dir_bytes(tmp_path) == dir_bytes(out)
