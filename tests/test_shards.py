@@ -401,3 +401,75 @@ def test_cinc_shards_include_every_record(tmp_path):
         for members in tar_samples(tmp_path / shard["name"]).values():
             assert np.load(io.BytesIO(members["ecg.npy"]), allow_pickle=False).shape == (12, 5000)
             assert members["txt"].decode().startswith("ECG with ")
+
+
+# ---------------------------------------------------------------------------------------------
+# One format module: the writer and every reader take the format from open_clip_ecg.data.shard_format
+# ---------------------------------------------------------------------------------------------
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "open_clip_ecg"
+
+
+def test_no_member_name_literal_outside_the_format_module():
+    import ast
+
+    from open_clip_ecg.data import shard_format
+
+    names = set(shard_format.MEMBERS)
+    found = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        if path.name == "shard_format.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {node.value!r}")
+    assert not found, f"member names written outside shard_format.py: {found}"
+
+
+def test_writer_and_reader_take_member_names_from_the_format_module(synth_csv, tmp_path, monkeypatch):
+    from open_clip_ecg.data import shard_format
+    from open_clip_ecg.data.pipeline import iterate_samples
+
+    renamed = {"ECG_MEMBER": "signal.npy", "TEXT_MEMBER": "text", "LABELS_MEMBER": "findings.json",
+               "META_MEMBER": "about.json"}
+    for name, value in renamed.items():
+        monkeypatch.setattr(shard_format, name, value)
+    monkeypatch.setattr(shard_format, "MEMBERS", tuple(renamed.values()))
+    monkeypatch.setattr(shard_format, "REQUIRED_MEMBERS", tuple(renamed.values())[:3])
+    rows = [dict(row, path=str(synth_csv.parent / row["path"])) for row in list(read_rows(synth_csv).values())[:4]]
+    index = tmp_path / "four.csv"
+    with open(index, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_shards(CSVReader(index), tmp_path / "out", ShardOptions(sampling_rate=100, split_by="patient",
+                                                                  val_fraction=0, test_fraction=0, progress=False))
+    samples = tar_samples(tmp_path / "out" / "train-000000.tar")
+    assert [list(members) for members in samples.values()] == [list(renamed.values())] * 4
+    decoded = list(iterate_samples(str(tmp_path / "out" / "train-000000.tar")))
+    assert [s["key"] for s in decoded] == list(samples)
+    assert [s["text"] for s in decoded] == [row["report"] for row in rows]
+    assert decoded[0]["ecg"].shape == (12, 1000) and decoded[0]["meta"]["record_id"] == rows[0]["id"]
+
+
+@pytest.mark.parametrize("version, declared", [(2, "shard format version 2"), (None, "no shard format version")])
+def test_a_manifest_of_another_format_version_is_refused_naming_it(reference, tmp_path, version, declared):
+    from open_clip_ecg.data.manifest import read_shard_info
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.data.shard_format import MANIFEST_VERSION, ShardFormatError
+
+    out, manifest = reference
+    shutil.copytree(out, tmp_path / "shards")
+    path = tmp_path / "shards" / "manifest.json"
+    changed = {k: v for k, v in manifest.items() if k != "version"}
+    if version is not None:
+        changed["version"] = version
+    path.write_text(json.dumps(changed))
+    message = (f"{path} declares {declared}; this open_clip_ecg reads version {MANIFEST_VERSION}: "
+               "write the shards again with `open-clip-ecg shards`")
+    with pytest.raises(ValueError) as err:
+        read_shard_info([str(tmp_path / "shards" / "val-000000.tar")])
+    assert str(err.value) == message
+    with pytest.raises(ShardFormatError, match="no shard folder declares this sample's format") as err:
+        list(iterate_samples(str(tmp_path / "shards" / "val-000000.tar")))
+    assert message in str(err.value)
