@@ -39,9 +39,9 @@ import torch
 from open_clip_ecg import metrics as M
 from open_clip_ecg.atomic import write_atomic
 from open_clip_ecg.baselines import evaluate_supervised, load_supervised, score_supervised, train_supervised
-from open_clip_ecg.data.pipeline import read_shard_info
+from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.readers import get_reader
-from open_clip_ecg.data.shards import ShardOptions, write_shards
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, load_model, resolve_shards
 from open_clip_ecg.evaluate import choose_thresholds, labelled_scores, summarize
 from open_clip_ecg.scoring import AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer

@@ -88,7 +88,7 @@ def cinc_dir(request) -> Path:
 def synthetic_shards(tmp_path_factory):
     """96 synthetic records as 100 Hz, 10 s shards (16 per shard) with train/val/test splits."""
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
     from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
     root = tmp_path_factory.mktemp("synthetic")

@@ -97,3 +97,23 @@ def test_probe_cli_reports_each_label_fraction(synthetic_shards, tmp_path):
         assert metrics["method"] == "linear probe" and metrics["probe"]["label_fraction"] == entry["label_fraction"]
         assert metrics["thresholds"]["source"] == "validation max-F1"
     assert "| 0.1 |" in (out / "probe.md").read_text()
+
+
+def test_supervised_loader_yields_ecg_targets_and_mask(synthetic_shards):
+    """The supervised baseline's own stage: (ecg, task targets, evaluated mask), no text channel."""
+    from open_clip_ecg.baselines import TaskTargets, _collate_examples
+    from open_clip_ecg.data.pipeline import ECGSamplePreparer, iterate_samples, make_epoch_loader
+    from open_clip_ecg.tasks import get_task
+
+    shards = expand_shards(str(synthetic_shards), split="train")
+    task = get_task("labels", vocabulary=json.loads((synthetic_shards / "vocabulary.json").read_text()))
+    preparer = ECGSamplePreparer(250, len(task.labels), train=True)
+    data = make_epoch_loader(shards, TaskTargets(task, preparer), _collate_examples, batch_size=8, workers=0)
+    ecg, targets, evaluated = next(iter(data.dataloader))
+    assert ecg.shape == (8, 12, 250) and targets.shape == (8, len(task.labels)) and evaluated.shape == (8,)
+    assert targets.dtype == evaluated.dtype == torch.float32 and targets.sum() > 0
+    expected = {}
+    for sample in iterate_samples(shards):
+        y, keep = task.multi_hot([sample["label_codes"]], [sample["meta"]], [sample["key"]])
+        expected[tuple(y[0].astype(np.float32))] = float(keep[0])
+    assert all(expected.get(tuple(row.tolist())) == float(mask) for row, mask in zip(targets, evaluated))

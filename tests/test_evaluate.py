@@ -18,7 +18,8 @@ import pytest
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 
-from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader, read_shard_info
+from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader
 from open_clip_ecg.embed import embed_shards, load_model
 from open_clip_ecg.evaluate import evaluate_zeroshot, write_report
 from open_clip_ecg.loss import MultiLabelSigLipLoss
@@ -261,7 +262,7 @@ def test_embed_cli_writes_normalised_embeddings_in_shard_order(synthetic_shards,
 def ptbxl_run(ptbxl_dir, tmp_path_factory):
     """PTB-XL shards (100 Hz; train folds 1-6, val 8, test 7) and a model after a few SigLIP steps."""
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 
     root = tmp_path_factory.mktemp("ptbxl")
     write_shards(get_reader("ptbxl", ptbxl_dir, sampling_rate=100), root,
@@ -319,7 +320,7 @@ def test_end_to_end_ptbxl(ptbxl_run, ptbxl_dir, tmp_path):
 @pytest.mark.slow
 def test_cross_institution_thresholds_from_ptbxl_applied_to_cinc(ptbxl_run, cinc_dir, tmp_path):
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 
     root, checkpoint = ptbxl_run
     model, tokenizer = load_model(MODEL, str(checkpoint))

@@ -16,10 +16,12 @@ import pytest
 
 from conftest import tiny_run_args
 from open_clip_ecg.data import preprocess
-from open_clip_ecg.data.pipeline import ShardFormatError, expand_shards, iterate_samples, read_shard_info
+from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.pipeline import expand_shards, iterate_samples
+from open_clip_ecg.data.shard_format import ShardFormatError
 from open_clip_ecg.data.readers.csv import CSVReader
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
-from open_clip_ecg.data.shards import ShardOptions, write_shards
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
 OPTIONS = dict(shard_size=4, split_by="patient", val_fraction=0.2, test_fraction=0.2, progress=False)
@@ -174,7 +176,7 @@ KILL_BETWEEN_WRITE_AND_RENAME = """
 import os, sys
 import open_clip_ecg.atomic as atomic
 from open_clip_ecg.data.readers.csv import CSVReader
-from open_clip_ecg.data.shards import ShardOptions, write_shards
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 target, index, out = sys.argv[1:4]
 replace = os.replace
 def killed(src, dst):

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 import open_clip_ecg
 import open_clip_ecg.train as ecg_train
-from open_clip_ecg.data.pipeline import expand_shards, pack_text_and_labels, read_shard_info
+from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.pipeline import expand_shards, pack_text_and_labels
 from open_clip_ecg.decoder_lm import PAD, DecoderLM, DecoderLMTokenizer
 from open_clip_ecg.text_cache import LMEmbedder, TextEmbeddingCache, build_text_cache
 from open_clip_ecg.text_towers import CachedTextTower, DecoderLMTextTower

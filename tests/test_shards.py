@@ -16,11 +16,13 @@ import webdataset as wds
 import wfdb
 from braceexpand import braceexpand
 
-from open_clip_ecg.data import shards
+from open_clip_ecg.data import shard_writer
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.readers.csv import CSVReader
-from open_clip_ecg.data.record import RecordEntry
-from open_clip_ecg.data.shards import ShardOptions, assign_splits, shard_pattern, write_shards
+from open_clip_ecg.data.record import RecordEntry, RecordError
+from open_clip_ecg.data.shard_format import sample_key, shard_pattern
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+from open_clip_ecg.data.splits import assign_splits
 from open_clip_ecg.data.synthetic import FINDINGS, write_synthetic_dataset
 from open_clip_ecg.data.text import compose_label_text, make_text
 from open_clip_ecg.data.vocabulary import labels_to_multi_hot, load_vocabulary
@@ -90,7 +92,7 @@ def test_samples_sizes_manifest_and_vocabulary(synth_csv, reference):
     seen = set()
     for shard in manifest["shards"]:
         path = out / shard["name"]
-        assert shards._sha256(path) == shard["sha256"]
+        assert shard_writer._sha256(path) == shard["sha256"]
         samples = tar_samples(path)
         assert len(samples) == sizes[shard["name"]] == shard["samples"] <= 6
         for key, members in samples.items():
@@ -121,7 +123,7 @@ def test_samples_sizes_manifest_and_vocabulary(synth_csv, reference):
 
 
 def test_keys_patterns_and_multi_hot():
-    assert shards.sample_key("records500/00000/00001_hr.v2 x") == "records500_00000_00001_hr_v2_x"
+    assert sample_key("records500/00000/00001_hr.v2 x") == "records500_00000_00001_hr_v2_x"
     assert shard_pattern(["train-000000.tar"]) == "train-000000.tar"
     assert shard_pattern(["val-000000.tar", "val-000001.tar", "val-000002.tar"]) == "val-{000000..000002}.tar"
     assert labels_to_multi_hot([0, 3], 5).tolist() == [1, 0, 0, 1, 0]
@@ -139,7 +141,7 @@ def test_text_modes():
     assert compose_label_text(["b", "A", "c", "b"]) == "ECG with A, b and c."
     assert make_text(RecordEntry("r2", "p", "p", labels=["X"]), {}, "labels") == "ECG with X."
     for mode, reason in (("report", "no_report"), ("labels", "no_labels"), ("both", "no_report")):
-        with pytest.raises(shards.RecordError) as err:
+        with pytest.raises(RecordError) as err:
             make_text(RecordEntry("r3", "/data/r3", "p"), names, mode)
         assert err.value.reason == reason and err.value.path == "/data/r3"
 
@@ -214,10 +216,10 @@ def crash_on_call(monkeypatch, owner, name, at, exception=Crash):
 
 
 @pytest.mark.parametrize("owner, name, at, workers", [
-    (shards._ShardFile, "finish", 3, 1),            # the third shard is complete but not renamed
-    (shards._ShardFile, "add", 10, 1),              # in the middle of the second shard
-    (shards._ShardFile, "add", 26, 2),              # in the val/test splits, with a worker pool
-    (shards, "_write_json_atomic", None, 1),        # every shard done, manifest not yet written
+    (shard_writer._ShardFile, "finish", 3, 1),      # the third shard is complete but not renamed
+    (shard_writer._ShardFile, "add", 10, 1),        # in the middle of the second shard
+    (shard_writer._ShardFile, "add", 26, 2),        # in the val/test splits, with a worker pool
+    (shard_writer, "write_folder_json", None, 1),   # every shard done, manifest not yet written
 ])
 def test_interrupted_run_completes_identically(synth_csv, reference, tmp_path, monkeypatch, owner, name, at, workers):
     out, manifest = reference
@@ -236,7 +238,7 @@ def test_interrupted_run_completes_identically(synth_csv, reference, tmp_path, m
 def test_resume_skips_verified_shards_and_redoes_damaged_ones(synth_csv, reference, tmp_path, monkeypatch):
     out, _ = reference
     with monkeypatch.context() as patch:
-        crash_on_call(patch, shards._ShardFile, "add", 22)  # after three train shards
+        crash_on_call(patch, shard_writer._ShardFile, "add", 22)  # after three train shards
         with pytest.raises(Crash):
             write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
     progress = json.loads((tmp_path / "progress.json").read_text())
@@ -247,8 +249,8 @@ def test_resume_skips_verified_shards_and_redoes_damaged_ones(synth_csv, referen
     with open(tmp_path / "train-000001.tar", "r+b") as f:
         f.truncate(1000)
     encoded = Counter()
-    call = shards.SampleEncoder.__call__
-    monkeypatch.setattr(shards.SampleEncoder, "__call__", lambda self, item: encoded.update([1]) or call(self, item))
+    call = shard_writer.SampleEncoder.__call__
+    monkeypatch.setattr(shard_writer.SampleEncoder, "__call__", lambda self, item: encoded.update([1]) or call(self, item))
     write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
     assert encoded[1] == 30 - 6  # shard 0 kept; shard 1 failed its checksum, so it and the rest are redone
     assert dir_bytes(tmp_path) == dir_bytes(out)
@@ -400,3 +402,75 @@ def test_cinc_shards_include_every_record(cinc_dir, tmp_path):
         for members in tar_samples(tmp_path / shard["name"]).values():
             assert np.load(io.BytesIO(members["ecg.npy"]), allow_pickle=False).shape == (12, 5000)
             assert members["txt"].decode().startswith("ECG with ")
+
+
+# ---------------------------------------------------------------------------------------------
+# One format module: the writer and every reader take the format from open_clip_ecg.data.shard_format
+# ---------------------------------------------------------------------------------------------
+
+SOURCE = Path(__file__).resolve().parents[1] / "src" / "open_clip_ecg"
+
+
+def test_no_member_name_literal_outside_the_format_module():
+    import ast
+
+    from open_clip_ecg.data import shard_format
+
+    names = set(shard_format.MEMBERS)
+    found = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        if path.name == "shard_format.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{path.relative_to(SOURCE)}:{node.lineno} {node.value!r}")
+    assert not found, f"member names written outside shard_format.py: {found}"
+
+
+def test_writer_and_reader_take_member_names_from_the_format_module(synth_csv, tmp_path, monkeypatch):
+    from open_clip_ecg.data import shard_format
+    from open_clip_ecg.data.pipeline import iterate_samples
+
+    renamed = {"ECG_MEMBER": "signal.npy", "TEXT_MEMBER": "text", "LABELS_MEMBER": "findings.json",
+               "META_MEMBER": "about.json"}
+    for name, value in renamed.items():
+        monkeypatch.setattr(shard_format, name, value)
+    monkeypatch.setattr(shard_format, "MEMBERS", tuple(renamed.values()))
+    monkeypatch.setattr(shard_format, "REQUIRED_MEMBERS", tuple(renamed.values())[:3])
+    rows = [dict(row, path=str(synth_csv.parent / row["path"])) for row in list(read_rows(synth_csv).values())[:4]]
+    index = tmp_path / "four.csv"
+    with open(index, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_shards(CSVReader(index), tmp_path / "out", ShardOptions(sampling_rate=100, split_by="patient",
+                                                                  val_fraction=0, test_fraction=0, progress=False))
+    samples = tar_samples(tmp_path / "out" / "train-000000.tar")
+    assert [list(members) for members in samples.values()] == [list(renamed.values())] * 4
+    decoded = list(iterate_samples(str(tmp_path / "out" / "train-000000.tar")))
+    assert [s["key"] for s in decoded] == list(samples)
+    assert [s["text"] for s in decoded] == [row["report"] for row in rows]
+    assert decoded[0]["ecg"].shape == (12, 1000) and decoded[0]["meta"]["record_id"] == rows[0]["id"]
+
+
+@pytest.mark.parametrize("version, declared", [(2, "shard format version 2"), (None, "no shard format version")])
+def test_a_manifest_of_another_format_version_is_refused_naming_it(reference, tmp_path, version, declared):
+    from open_clip_ecg.data.manifest import read_shard_info
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.data.shard_format import MANIFEST_VERSION, ShardFormatError
+
+    out, manifest = reference
+    shutil.copytree(out, tmp_path / "shards")
+    path = tmp_path / "shards" / "manifest.json"
+    changed = {k: v for k, v in manifest.items() if k != "version"}
+    if version is not None:
+        changed["version"] = version
+    path.write_text(json.dumps(changed))
+    message = (f"{path} declares {declared}; this open_clip_ecg reads version {MANIFEST_VERSION}: "
+               "write the shards again with `open-clip-ecg shards`")
+    with pytest.raises(ValueError) as err:
+        read_shard_info([str(tmp_path / "shards" / "val-000000.tar")])
+    assert str(err.value) == message
+    with pytest.raises(ShardFormatError, match="no shard folder declares this sample's format") as err:
+        list(iterate_samples(str(tmp_path / "shards" / "val-000000.tar")))
+    assert message in str(err.value)

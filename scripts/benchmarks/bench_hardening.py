@@ -4,7 +4,7 @@ memory a record with an absurd sampling rate can take.
 Setup (not timed): synthetic 12-lead records (500 Hz, 10 s) written as shards; their raw tar
 members read into memory.
 
-* ``checked_decode_vs_unchecked``: samples/s of :func:`open_clip_ecg.data.pipeline.decode_sample`
+* ``checked_decode_vs_unchecked``: samples/s of :func:`open_clip_ecg.data.pipeline.decode_checked`
   (npy header compared with the manifest before allocation, labels against the vocabulary, JSON
   bounded) over samples/s of the unchecked decode it replaced (``np.load`` + ``json.loads``), on
   the same members, CPU time of one thread (1.0 = the check is free).
@@ -44,8 +44,10 @@ def _members(shards):
 
 
 def _unchecked(sample):
-    return (np.load(io.BytesIO(sample["ecg.npy"]), allow_pickle=False).astype(np.float32),
-            json.loads(sample["labels.json"]), json.loads(sample["meta.json"]), sample["txt"].decode("utf-8"))
+    from open_clip_ecg.data.shard_format import ECG_MEMBER, LABELS_MEMBER, META_MEMBER, TEXT_MEMBER
+
+    return (np.load(io.BytesIO(sample[ECG_MEMBER]), allow_pickle=False).astype(np.float32),
+            json.loads(sample[LABELS_MEMBER]), json.loads(sample[META_MEMBER]), sample[TEXT_MEMBER].decode("utf-8"))
 
 
 def _rate(fn, samples, repeats):
@@ -70,11 +72,11 @@ def _peak_bytes(fn):
 def run(quick: bool = False, device: str = "cpu") -> dict:
     import torch
 
-    from open_clip_ecg.data.pipeline import decode_sample, expand_shards
+    from open_clip_ecg.data.pipeline import decode_checked, expand_shards
     from open_clip_ecg.data.preprocess import preprocess_record
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.record import ECGRecord, RecordEntry
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
     from open_clip_ecg.data.synthetic import write_synthetic_dataset
     from open_clip_ecg.leads import STANDARD_LEADS
 
@@ -85,8 +87,8 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         write_shards(get_reader("csv", csv_path), Path(tmp) / "shards",
                      ShardOptions(split_by="random", val_fraction=0, test_fraction=0, shard_size=64, progress=False))
         samples = _members(expand_shards(str(Path(tmp) / "shards"), split="train"))
-        decode_sample(samples[0])  # the folder's schema is read once, then cached
-        checked, unchecked = _rate(decode_sample, samples, repeats), _rate(_unchecked, samples, repeats)
+        decode_checked(samples[0])  # the folder's schema is read once, then cached
+        checked, unchecked = _rate(decode_checked, samples, repeats), _rate(_unchecked, samples, repeats)
 
     signal = np.random.default_rng(0).standard_normal((12, 5000)).astype(np.float32)
     entry = RecordEntry("r", "r", "p")

@@ -30,7 +30,7 @@ import wfdb
 
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.readers.wfdb_io import record_base
-from open_clip_ecg.data.shards import ShardOptions, write_shards
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
 SHARED = Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))

@@ -26,8 +26,8 @@ from open_clip_ecg.data.pipeline import (
     ECGSamplePreparer,
     make_train_loader,
     pack_text_and_labels,
-    read_shard_info,
 )
+from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.train import enable_label_passing
 
 MODEL = "ECG-RN18-CLIPText"
@@ -120,7 +120,7 @@ def pipeline_rate(shards, tokenizer, batch_size, workers, n_batches) -> float:
 
 
 def _write_synthetic_shards(out_dir, n_records, n_shards):
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.synthetic import write_synthetic_dataset
 

@@ -48,7 +48,7 @@ class _Clock:
 
 def _write_shards(root: Path, n: int) -> Path:
     from open_clip_ecg.data.readers import get_reader
-    from open_clip_ecg.data.shards import ShardOptions, write_shards
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
     from open_clip_ecg.data.synthetic import write_synthetic_dataset
 
     csv_path = write_synthetic_dataset(root / "records", n=n, seed=0, progress=False)

@@ -22,14 +22,14 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 
-from .data.pipeline import ECGSamplePreparer, make_train_loader, unpack_text_and_labels
+from .data.pipeline import ECGSamplePreparer, make_epoch_loader
 from .atomic import write_atomic
 from .embed import crop_length, map_shards, model_leads, resolve_shards
 from .evaluate import (
@@ -51,23 +51,23 @@ _LOGGER = logging.getLogger(__name__)
 CHECKPOINT_NAME = "supervised.pt"
 
 
-def _no_text(texts) -> torch.Tensor:
-    """The training loader's tokenizer: a supervised model reads no text (zero tokens)."""
-    return torch.zeros((1, 0), dtype=torch.long)
+class TaskTargets:
+    """The supervised baseline's prepare stage (:mod:`open_clip_ecg.data.pipeline`): decoded sample ->
+    (ecg [leads, T] randomly cropped, the task's targets [n_labels], 1.0 when the task evaluates the
+    record else 0.0). A class so loader workers can pickle it."""
 
+    def __init__(self, task: Task, preparer: ECGSamplePreparer):
+        self.task, self.preparer = task, preparer
 
-class TaskTargetPreparer(ECGSamplePreparer):
-    """Training samples whose label channel carries the task's targets, plus one last column: 1 when
-    the task evaluates the record. Reusing the contrastive training loader this way keeps its
-    shard/sample shuffling, workers and epochs."""
-
-    def __init__(self, task: Task, n_samples: int, leads: Sequence[str]):
-        super().__init__(n_samples, len(task.labels) + 1, train=True, leads=leads)
-        self.task = task
-
-    def multi_hot(self, sample: Dict) -> torch.Tensor:
+    def __call__(self, sample: Dict):
         y, keep = self.task.multi_hot([sample["label_codes"]], [sample["meta"]], [sample["key"]])
-        return torch.from_numpy(np.concatenate([y[0], keep]).astype(np.float32))
+        return (self.preparer.ecg(sample), torch.from_numpy(y[0].astype(np.float32)),
+                torch.tensor(float(keep[0])))
+
+
+def _collate_examples(examples):
+    ecgs, targets, evaluated = zip(*examples)
+    return torch.stack(ecgs), torch.stack(targets), torch.stack(evaluated)
 
 
 def create_supervised_model(arch: str, n_labels: int) -> torch.nn.Module:
@@ -117,8 +117,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
     task = resolve_task(task, train_shards)
     n_samples, rate = crop_length(train_shards, seconds)
     model = create_supervised_model(arch, len(task.labels)).to(device)
-    preparer = TaskTargetPreparer(task, n_samples, model_leads(model))
-    data = make_train_loader(train_shards, tokenizer=_no_text, preparer=preparer, batch_size=batch_size,
+    preparer = ECGSamplePreparer(n_samples, len(task.labels), train=True, leads=model_leads(model))
+    data = make_epoch_loader(train_shards, TaskTargets(task, preparer), _collate_examples, batch_size=batch_size,
                              workers=workers, seed=seed)
     steps = epochs * data.dataloader.num_batches
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -130,9 +130,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
         model.train()
         data.set_epoch(epoch)
         losses = []
-        for ecg, packed in data.dataloader:
-            labels = unpack_text_and_labels(packed).labels
-            targets, evaluated = labels[:, :-1].to(device), labels[:, -1].to(device)
+        for ecg, targets, evaluated in data.dataloader:
+            targets, evaluated = targets.to(device), evaluated.to(device)
             if not evaluated.any():
                 continue
             logits = model(ecg.to(device))

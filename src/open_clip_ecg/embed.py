@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from .atomic import write_atomic
-from .data.pipeline import expand_shards, make_eval_loader, read_shard_info
+from .data.manifest import read_shard_info
+from .data.pipeline import expand_shards, make_eval_loader
 from .leads import STANDARD_LEADS
 from .model_preprocess import check_shards_fit, read_checkpoint_preprocess
 from .zeroshot import encode_ecg

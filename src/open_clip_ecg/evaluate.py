@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
 from . import metrics as M
-from .data.pipeline import read_shard_info
+from .data.manifest import read_shard_info
 from .atomic import write_atomic
 from .embed import EmbeddedShards, ShardRecords, embed_shards, load_model, model_leads, resolve_shards
 from .scoring import AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer

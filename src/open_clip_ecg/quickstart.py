@@ -100,7 +100,7 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
     identically and training resumes from its latest checkpoint (``--resume latest``).
     """
     from .data.readers import get_reader
-    from .data.shards import ShardOptions, write_shards
+    from .data.shard_writer import ShardOptions, write_shards
     from .data.synthetic import write_synthetic_dataset
     from .embed import load_model
     from .evaluate import evaluate_zeroshot, headline_line, write_report

@@ -259,7 +259,8 @@ def build_text_cache(texts: Iterable[str], embedder: LMEmbedder, out: Union[str,
 
 def _shard_texts(shard_specs: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(every report text, the zero-shot prompts of each shard folder's label vocabulary)."""
-    from .data.pipeline import expand_shards, iterate_samples, read_shard_info
+    from .data.manifest import read_shard_info
+    from .data.pipeline import expand_shards, iterate_samples
     from .zeroshot import prompt_texts
 
     texts, prompts = [], []

@@ -56,9 +56,9 @@ from .data.pipeline import (
     iterate_samples,
     make_train_loader,
     make_val_loader,
-    read_shard_info,
     unpack_text_and_labels,
 )
+from .data.manifest import read_shard_info
 from .embed import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target

@@ -1,21 +1,29 @@
-"""Shards -> batches, as a readable list of webdataset stages.
+"""Shards -> batches, each loader a readable list of named webdataset stages.
 
-Two consumers read the shards written by :mod:`open_clip_ecg.data.shards`:
+Every loader is assembled from the same stages and picks its own tail::
 
-* training (``make_train_loader`` / ``make_val_loader``) yields ``(ecg, packed_text)`` 2-tuples,
-  because open_clip's loop does ``images, texts = batch``. The label multi-hot of each sample
-  travels *inside* ``packed_text`` (see :func:`pack_text_and_labels`), so it stays aligned with its
-  sample through batching, device moves and gradient-accumulation caches;
-* evaluation (``make_eval_loader`` / ``iterate_samples``) yields dict batches with keys and meta.
+    shard list -> read tar -> [shuffle] -> decode (+ schema check) -> prepare -> batch
 
-Both share one decoder (:func:`decode_sample`), which checks every sample against what its shard
-folder declares (:mod:`.schema`: array header before allocation, labels against the vocabulary) and
-raises :class:`ShardFormatError` naming the shard and the key (no silent skips, no silent repairs).
-Works with webdataset 0.2.x and 1.x.
+- :func:`shard_list`: which shards each worker on each node reads, in which order;
+- :func:`read_tar`: tar members grouped into raw samples (webdataset's end-of-shard markers dropped);
+- :func:`shuffle_samples`: a sample shuffle buffer (training only);
+- :func:`decode`: :func:`.shard_format.decode_sample` against what the shard's folder declares
+  (array header before allocation, labels against the vocabulary); anything else is one
+  :class:`ShardFormatError` naming the shard and the key (no silent skips, no silent repairs);
+- a *prepare* stage, the consumer's choice: :class:`ContrastivePair` (training and validation:
+  ``(ecg, packed text)`` 2-tuples, because open_clip's loop does ``images, texts = batch``; the label
+  multi-hot of each sample travels *inside* the packed text (:func:`pack_text_and_labels`), so it
+  stays aligned with its sample through batching, device moves and gradient-accumulation caches),
+  :class:`EvalRecord` (evaluation, embed and the probe: dicts with keys and meta), or the
+  supervised baseline's own stage (``(ecg, targets, mask)``, :mod:`open_clip_ecg.baselines`);
+- :func:`batch`.
+
+Loaders: :func:`make_train_loader` (contrastive training) and :func:`make_epoch_loader` (any
+training stage, e.g. the supervised baseline's), :func:`make_val_loader`, :func:`make_eval_loader`,
+and :func:`iterate_samples` (decoded samples in this process). Works with webdataset 0.2.x and 1.x.
 """
 from __future__ import annotations
 
-import functools
 import glob
 import math
 import os
@@ -33,21 +41,17 @@ from open_clip_train.data import (  # reused as-is: epoch sync and deterministic
 )
 
 from ..leads import STANDARD_LEADS, lead_indices
-from .schema import SampleSchema, ShardFormatError, check_labels, check_meta, load_ecg, load_json
+from .manifest import count_samples, shard_schema
+from .shard_format import ShardFormatError, decode_sample, shard_glob
 from .text import TrainingTextSampler
 from .transforms import build_ecg_transform
-from .vocabulary import labels_to_multi_hot, load_vocabulary
+from .vocabulary import labels_to_multi_hot
 
 SHARD_SHUFFLE_SIZE = 2000
 SHARD_SHUFFLE_INITIAL = 500
 SAMPLE_SHUFFLE_SIZE = 2000
 SAMPLE_SHUFFLE_INITIAL = 500
-REQUIRED_MEMBERS = ("ecg.npy", "txt", "labels.json")
 
-
-# --------------------------------------------------------------------------------------------
-# Shard discovery and the information written beside the shards
-# --------------------------------------------------------------------------------------------
 
 def expand_shards(spec, split: Optional[str] = None) -> List[str]:
     """Shard paths from a brace pattern, a glob, a '::'-joined list, or a directory (+ split).
@@ -58,7 +62,7 @@ def expand_shards(spec, split: Optional[str] = None) -> List[str]:
     if isinstance(spec, (list, tuple)):
         paths = [str(p) for p in spec]
     elif os.path.isdir(spec):
-        pattern = os.path.join(spec, f"{split}-*.tar" if split else "*.tar")
+        pattern = os.path.join(spec, shard_glob(split) if split else "*.tar")
         paths = sorted(glob.glob(pattern))
     else:
         paths = []
@@ -75,73 +79,56 @@ def expand_shards(spec, split: Optional[str] = None) -> List[str]:
     return paths
 
 
-def read_shard_info(shards: Sequence[str]) -> Dict:
-    """The vocabulary and sampling rate written beside the first shard.
-
-    Returns ``{"vocabulary": [{"id", "code", "name", ...}], "sampling_rate": float,
-    "n_samples": int (stored record length), "directory": str, "text": the text mode}``; a missing
-    or inconsistent file is a ValueError naming it.
-    """
-    directory = os.path.dirname(os.path.abspath(shards[0]))
-    vocabulary = load_vocabulary(directory)
-    manifest_path = os.path.join(directory, "manifest.json")
-    if not os.path.exists(manifest_path):
-        raise ValueError(f"{manifest_path} is missing: shards must come from `open-clip-ecg shards`")
-    with open(manifest_path, "rb") as f:
-        manifest = load_json(f.read(), manifest_path, "manifest.json")
-    options = manifest.get("options") if isinstance(manifest, dict) else None
-    try:
-        rate, seconds = float(options["sampling_rate"]), float(options["seconds"])
-    except (TypeError, KeyError, ValueError):
-        raise ValueError(f"{manifest_path} lacks numeric options.sampling_rate / options.seconds") from None
-    if not (math.isfinite(rate) and math.isfinite(seconds) and rate > 0 and seconds > 0):
-        raise ValueError(f"{manifest_path} declares sampling rate {rate} and seconds {seconds}")
-    return {"vocabulary": vocabulary, "sampling_rate": rate,
-            "n_samples": int(round(rate * seconds)), "directory": directory, "text": options.get("text")}
-
-
-@functools.lru_cache(maxsize=64)
-def _folder_schema(directory: str, stamp: tuple) -> SampleSchema:
-    return SampleSchema.from_shard_info(read_shard_info([os.path.join(directory, "x.tar")]), len(STANDARD_LEADS))
-
-
-def shard_schema(shard: str) -> SampleSchema:
-    """What the folder of `shard` declares about its samples (cached while its files are unchanged)."""
-    directory = os.path.dirname(os.path.abspath(shard))
-    paths = [os.path.join(directory, name) for name in ("manifest.json", "vocabulary.json")]
-    return _folder_schema(directory, tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths))
-
-
 # --------------------------------------------------------------------------------------------
-# Sample decoding and the packed (text, labels) layout
+# The stages
 # --------------------------------------------------------------------------------------------
 
-def decode_sample(sample: Dict) -> Dict:
-    """Raw tar members -> {key, ecg float32 [12, T], text, label_ids, label_codes, meta}, checked
-    against the shard folder's manifest and vocabulary (:mod:`.schema`)."""
-    where = f"{sample.get('__url__', '?')} (key {sample.get('__key__', '?')})"
-    missing = [m for m in REQUIRED_MEMBERS if m not in sample]
-    if missing:
-        raise ShardFormatError(f"{where}: sample lacks {missing}; has {sorted(sample)}")
-    try:
-        schema = shard_schema(sample["__url__"])
-    except (KeyError, ValueError) as e:
-        raise ShardFormatError(f"{where}: no shard folder declares this sample's format: {e}") from e
-    ecg = load_ecg(sample["ecg.npy"], schema, where)
-    label_ids, label_codes = check_labels(load_json(sample["labels.json"], where, "labels.json"), schema, where)
-    meta = check_meta(load_json(sample["meta.json"], where, "meta.json"), where) if "meta.json" in sample else {}
-    try:
-        text = sample["txt"].decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ShardFormatError(f"{where}: txt is not UTF-8: {e}") from e
-    return {"key": sample["__key__"], "ecg": ecg, "text": text, "label_ids": label_ids,
-            "label_codes": label_codes, "meta": meta}
+def shard_list(shards: Sequence[str], *, train: bool, resampled: bool = False, seed: int = 0,
+               shared_epoch: Optional[SharedEpoch] = None) -> List:
+    """Which shards each worker on each node reads, in which order."""
+    if resampled:
+        # open_clip's resampler takes a '::'-joined spec, not a list
+        return [ResampledShards2("::".join(shards), deterministic=True, epoch=shared_epoch)]
+    if train:
+        return [wds.SimpleShardList(shards),
+                detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=seed,
+                            epoch=shared_epoch),
+                wds.split_by_node,
+                wds.split_by_worker]
+    # evaluation runs on one process: every worker reads its own subset of all shards
+    return [wds.SimpleShardList(shards), wds.split_by_worker]
 
 
 def _is_sample(sample: Dict) -> bool:
     """False for webdataset's end-of-shard markers, which carry no members."""
     return any(not k.startswith("__") for k in sample)
 
+
+def read_tar() -> List:
+    """Shard urls -> raw samples (member name -> bytes); a broken tar raises, it is never skipped."""
+    return [wds.tarfile_to_samples(handler=wds.reraise_exception), wds.select(_is_sample)]
+
+
+def shuffle_samples():
+    return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL)
+
+
+def decode_checked(sample: Dict) -> Dict:
+    """A raw sample decoded and checked against what its shard folder declares."""
+    return decode_sample(sample, shard_schema)
+
+
+def decode():
+    return wds.map(decode_checked)
+
+
+def batch(batch_size: int, collate: Callable, partial: bool):
+    return wds.batched(batch_size, collation_fn=collate, partial=partial)
+
+
+# --------------------------------------------------------------------------------------------
+# The packed (text, labels) layout of contrastive training
+# --------------------------------------------------------------------------------------------
 
 # Fixed pseudo-random weights of the label/text fingerprint (see `fingerprint`).
 _FINGERPRINT_WEIGHTS = torch.from_numpy(
@@ -196,6 +183,11 @@ def unpack_text_and_labels(packed: torch.Tensor) -> PackedText:
 # Per-sample preparation shared by training, validation and evaluation
 # --------------------------------------------------------------------------------------------
 
+
+# --------------------------------------------------------------------------------------------
+# Prepare stages: decoded sample -> what a consumer batches
+# --------------------------------------------------------------------------------------------
+
 class ECGSamplePreparer:
     """Decoded sample -> model-ready ECG (selected leads, crop, normalisation) and label multi-hot."""
 
@@ -217,8 +209,8 @@ class ECGSamplePreparer:
             raise ShardFormatError(f"sample {sample['key']}: {e}") from e
 
 
-class _TrainingSample:
-    """decoded sample -> (ecg [leads, T], packed text row); a class so workers can pickle it.
+class ContrastivePair:
+    """Decoded sample -> (ecg [leads, T], packed text row); a class so workers can pickle it.
 
     With a `text_sampler` (:class:`~open_clip_ecg.data.text.TrainingTextSampler`) the text is
     composed afresh each time from the report and finding names; otherwise the stored text is used.
@@ -246,111 +238,10 @@ def _collate_pairs(samples):
     return torch.stack(ecgs), torch.stack(texts)
 
 
-def _shard_source(shards, train, resampled, seed, shared_epoch):
-    """The first stages: which shards each worker on each node reads, in which order."""
-    if resampled:
-        # open_clip's resampler takes a '::'-joined spec, not a list
-        return [ResampledShards2("::".join(shards), deterministic=True, epoch=shared_epoch)]
-    if train:
-        return [wds.SimpleShardList(shards),
-                detshuffle2(bufsize=SHARD_SHUFFLE_SIZE, initial=SHARD_SHUFFLE_INITIAL, seed=seed,
-                            epoch=shared_epoch),
-                wds.split_by_node,
-                wds.split_by_worker]
-    # evaluation runs on one process: every worker reads its own subset of all shards
-    return [wds.SimpleShardList(shards), wds.split_by_worker]
+class EvalRecord:
+    """Decoded sample -> dict with the model-ready ECG, key, label codes, meta and text (plus the
+    label multi-hot and tokens when asked)."""
 
-
-def _count_samples(shards: Sequence[str]) -> Optional[int]:
-    """Total samples of `shards` from sizes.json beside them (None when absent)."""
-    sizes_path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), "sizes.json")
-    if not os.path.exists(sizes_path):
-        return None
-    with open(sizes_path, "rb") as f:
-        sizes = load_json(f.read(), sizes_path, "sizes.json")
-    if not isinstance(sizes, dict):
-        raise ValueError(f"{sizes_path} must map shard names to sample counts")
-    try:
-        return sum(int(sizes[os.path.basename(s)]) for s in shards)
-    except KeyError as e:
-        raise ValueError(f"{sizes_path} has no entry for shard {e}") from e
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{sizes_path} holds a sample count that is not an integer: {e}") from e
-
-
-def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
-                      workers: int, world_size: int = 1, seed: int = 0, epoch: int = 0,
-                      resampled: bool = False, num_samples: Optional[int] = None,
-                      text_sampler: Optional[TrainingTextSampler] = None) -> DataInfo:
-    """Training loader in open_clip's DataInfo: shuffled shards and samples, fixed batches/epoch.
-
-    Every worker of every rank yields the same number of batches (webdataset's ``with_epoch``
-    repeats the pipeline), so DDP ranks never wait on each other at an epoch's end.
-    """
-    shards = expand_shards(shards)
-    num_samples = num_samples or _count_samples(shards)
-    if not num_samples:
-        raise ValueError(f"no sizes.json beside {shards[0]}: pass --train-num-samples")
-    if not resampled and len(shards) < max(1, workers) * world_size:
-        raise ValueError(
-            f"{len(shards)} training shard(s) cannot feed {max(1, workers)} worker(s) x {world_size} "
-            "rank(s): write more shards (smaller --shard-size), lower --workers, or use "
-            "--dataset-resampled")
-    shared_epoch = SharedEpoch(epoch=epoch)
-    pipeline = wds.DataPipeline(
-        *_shard_source(shards, True, resampled, seed, shared_epoch),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.select(_is_sample),
-        wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL),
-        wds.map(decode_sample),
-        wds.map(_TrainingSample(preparer, tokenizer, text_sampler)),
-        wds.batched(batch_size, collation_fn=_collate_pairs, partial=False),
-    )
-    num_batches = math.ceil(num_samples / (batch_size * world_size))
-    worker_batches = math.ceil(num_batches / max(1, workers))
-    pipeline = pipeline.with_epoch(worker_batches)
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                           persistent_workers=workers > 0)
-    loader.num_batches = worker_batches * max(1, workers)
-    loader.num_samples = loader.num_batches * batch_size * world_size
-    return DataInfo(dataloader=loader, shared_epoch=shared_epoch)
-
-
-def make_val_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
-                    workers: int) -> DataInfo:
-    """Validation loader in open_clip's DataInfo: every sample once, in shard order per worker."""
-    shards = expand_shards(shards)
-    pipeline = wds.DataPipeline(
-        *_shard_source(shards, False, False, 0, None),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.select(_is_sample),
-        wds.map(decode_sample),
-        wds.map(_TrainingSample(preparer, tokenizer)),
-        wds.batched(batch_size, collation_fn=_collate_pairs, partial=True),
-    )
-    workers = min(workers, len(shards))
-    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
-    loader.num_samples = _count_samples(shards) or 0
-    loader.num_batches = math.ceil(loader.num_samples / batch_size)
-    return DataInfo(dataloader=loader)
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation: every sample once, with its key and metadata
-# --------------------------------------------------------------------------------------------
-
-def iterate_samples(shards) -> Iterator[Dict]:
-    """Decoded samples of `shards`, in order, in this process (for analyses and tests)."""
-    pipeline = wds.DataPipeline(
-        wds.SimpleShardList(expand_shards(shards)),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.select(_is_sample),
-        wds.map(decode_sample),
-    )
-    yield from pipeline
-
-
-class _EvalSample:
     def __init__(self, preparer: ECGSamplePreparer, with_labels: bool, tokenizer: Optional[Callable]):
         self.preparer, self.with_labels, self.tokenizer = preparer, with_labels, tokenizer
 
@@ -365,12 +256,81 @@ class _EvalSample:
 
 
 def _collate_dicts(samples: List[Dict]) -> Dict:
-    batch = {k: [s[k] for s in samples] for k in samples[0]}
+    stacked = {k: [s[k] for s in samples] for k in samples[0]}
     for k in ("ecg", "labels", "tokens"):
-        if k in batch:
-            batch[k] = torch.stack(batch[k])
-    batch["keys"] = batch.pop("key")
-    return batch
+        if k in stacked:
+            stacked[k] = torch.stack(stacked[k])
+    stacked["keys"] = stacked.pop("key")
+    return stacked
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------
+
+def make_epoch_loader(shards, prepare: Callable, collate: Callable, *, batch_size: int, workers: int,
+                      world_size: int = 1, seed: int = 0, epoch: int = 0, resampled: bool = False,
+                      num_samples: Optional[int] = None) -> DataInfo:
+    """Training loader in open_clip's DataInfo: shuffled shards and samples, `prepare` per sample,
+    fixed batches per epoch.
+
+    Every worker of every rank yields the same number of batches (webdataset's ``with_epoch``
+    repeats the pipeline), so DDP ranks never wait on each other at an epoch's end.
+    """
+    shards = expand_shards(shards)
+    num_samples = num_samples or count_samples(shards)
+    if not num_samples:
+        raise ValueError(f"no sizes.json beside {shards[0]}: pass --train-num-samples")
+    if not resampled and len(shards) < max(1, workers) * world_size:
+        raise ValueError(
+            f"{len(shards)} training shard(s) cannot feed {max(1, workers)} worker(s) x {world_size} "
+            "rank(s): write more shards (smaller --shard-size), lower --workers, or use "
+            "--dataset-resampled")
+    shared_epoch = SharedEpoch(epoch=epoch)
+    pipeline = wds.DataPipeline(
+        shard_list(shards, train=True, resampled=resampled, seed=seed, shared_epoch=shared_epoch),
+        read_tar(),
+        shuffle_samples(),
+        decode(),
+        wds.map(prepare),
+        batch(batch_size, collate, partial=False),
+    )
+    num_batches = math.ceil(num_samples / (batch_size * world_size))
+    worker_batches = math.ceil(num_batches / max(1, workers))
+    pipeline = pipeline.with_epoch(worker_batches)
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                           persistent_workers=workers > 0)
+    loader.num_batches = worker_batches * max(1, workers)
+    loader.num_samples = loader.num_batches * batch_size * world_size
+    return DataInfo(dataloader=loader, shared_epoch=shared_epoch)
+
+
+def make_train_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
+                      workers: int, world_size: int = 1, seed: int = 0, epoch: int = 0,
+                      resampled: bool = False, num_samples: Optional[int] = None,
+                      text_sampler: Optional[TrainingTextSampler] = None) -> DataInfo:
+    """Contrastive training loader: (ecg, packed text) batches (:func:`make_epoch_loader`)."""
+    return make_epoch_loader(shards, ContrastivePair(preparer, tokenizer, text_sampler), _collate_pairs,
+                             batch_size=batch_size, workers=workers, world_size=world_size, seed=seed, epoch=epoch,
+                             resampled=resampled, num_samples=num_samples)
+
+
+def make_val_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer, batch_size: int,
+                    workers: int) -> DataInfo:
+    """Validation loader in open_clip's DataInfo: every sample once, in shard order per worker."""
+    shards = expand_shards(shards)
+    pipeline = wds.DataPipeline(
+        shard_list(shards, train=False),
+        read_tar(),
+        decode(),
+        wds.map(ContrastivePair(preparer, tokenizer)),
+        batch(batch_size, _collate_pairs, partial=True),
+    )
+    workers = min(workers, len(shards))
+    loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers)
+    loader.num_samples = count_samples(shards) or 0
+    loader.num_batches = math.ceil(loader.num_samples / batch_size)
+    return DataInfo(dataloader=loader)
 
 
 def make_eval_loader(shards, n_samples: int, batch_size: int, workers: int = 0,
@@ -381,11 +341,15 @@ def make_eval_loader(shards, n_samples: int, batch_size: int, workers: int = 0,
     shards = expand_shards(shards)
     preparer = ECGSamplePreparer(n_samples, vocab_size or 0, train=False, leads=leads, normalize=normalize)
     pipeline = wds.DataPipeline(
-        *_shard_source(shards, False, False, 0, None),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
-        wds.select(_is_sample),
-        wds.map(decode_sample),
-        wds.map(_EvalSample(preparer, vocab_size is not None, tokenizer)),
-        wds.batched(batch_size, collation_fn=_collate_dicts, partial=True),
+        shard_list(shards, train=False),
+        read_tar(),
+        decode(),
+        wds.map(EvalRecord(preparer, vocab_size is not None, tokenizer)),
+        batch(batch_size, _collate_dicts, partial=True),
     )
     return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=min(workers, len(shards)))
+
+
+def iterate_samples(shards) -> Iterator[Dict]:
+    """Decoded samples of `shards`, in order, in this process (for analyses and tests)."""
+    yield from wds.DataPipeline(wds.SimpleShardList(expand_shards(shards)), read_tar(), decode())
