@@ -66,7 +66,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temps, write_text_atomic
+from ..atomic import remove_stale_temps, write_json_atomic
 from ..leads import STANDARD_LEADS
 from .preprocess import MISSING_LEAD_POLICIES, SAMPLING_RATE_RANGE, preprocess_record, sampling_rate_problem
 from .readers import READERS, get_reader
@@ -169,7 +169,7 @@ def _sha256(path) -> str:
 
 
 def _write_json_atomic(path: Path, value) -> None:
-    write_text_atomic(path, json.dumps(_jsonable(value), indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    write_json_atomic(path, _jsonable(value), final_newline=True, indent=1, sort_keys=True, ensure_ascii=False)
 
 
 def shard_pattern(names: Sequence[str]) -> str:
@@ -670,9 +670,6 @@ def run(args) -> int:
     except RecordError as err:
         print(f"error (--strict): {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(summarize_skips(manifest), file=sys.stderr)
     if manifest["records"]["written"] == 0:
         print(f"error: {empty_run_message(manifest, args.format)}", file=sys.stderr)
