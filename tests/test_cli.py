@@ -4,11 +4,12 @@ import importlib
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
 import open_clip_ecg
-from open_clip_ecg.cli import EPILOG, SUBCOMMANDS, main, report_user_errors
+from open_clip_ecg.cli import EPILOG, SUBCOMMANDS, Command, main, report_user_errors
 
 
 def run_cli(*args):
@@ -65,6 +66,24 @@ def test_the_typical_sequence_in_help_parses():
         parser = argparse.ArgumentParser(exit_on_error=False)
         importlib.import_module(SUBCOMMANDS[words[1]].module).add_arguments(parser)
         parser.parse_args(words[2:])
+
+
+def test_a_command_can_forward_the_flags_it_does_not_define(monkeypatch, capsys):
+    module = types.ModuleType("forwarding_command")
+
+    def add_arguments(parser):
+        parser.add_argument("--ecg-seconds", type=float)
+        parser.set_defaults(forwarded_args=[])
+
+    def run(args):
+        print(args.ecg_seconds, args.forwarded_args)
+        return 0
+
+    module.add_arguments, module.run = add_arguments, run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(SUBCOMMANDS, "forwarding", Command(module.__name__, "forwards what it does not define"))
+    assert main(["forwarding", "--model", "M", "--ecg-seconds", "5", "--lr", "1e-3"]) == 0
+    assert capsys.readouterr().out == "5.0 ['--model', 'M', '--lr', '1e-3']\n"
 
 
 @pytest.mark.parametrize("argv", [[], ["no-such-command"], ["--no-such-flag"]])
