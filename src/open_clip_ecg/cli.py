@@ -49,7 +49,7 @@ open_clip's own training loop learns from 12-lead ECGs paired with their reports
 
 EPILOG = """\
 typical sequence:
-  open-clip-ecg quickstart --out quickstart      all steps on synthetic ECGs, in minutes on a CPU
+  open-clip-ecg quickstart --out quickstart    # all steps on synthetic ECGs, in minutes on a CPU
 
   open-clip-ecg shards --format ptbxl --input PTBXL_DIR --output shards/ptbxl
   open-clip-ecg train --model ECG-RN18-MiniLM --train-data 'shards/ptbxl/train-*.tar' \\
