@@ -59,9 +59,12 @@ def test_every_command_module_follows_the_protocol():
 
 
 def test_the_typical_sequence_in_help_parses():
-    for line in EPILOG.replace("\\\n", " ").splitlines():
-        words = shlex.split(line.strip(), comments=True)
-        if words[:1] != ["open-clip-ecg"] or words[1] == "train":  # train's flags are open_clip_train's
+    commands = [line.strip() for line in EPILOG.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("open-clip-ecg ")]
+    assert len(commands) == 4
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        if words[1] == "train":  # train's flags are open_clip_train's
             continue
         parser = argparse.ArgumentParser(exit_on_error=False)
         importlib.import_module(SUBCOMMANDS[words[1]].module).add_arguments(parser)
