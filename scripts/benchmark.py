@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from open_clip_ecg.atomic import write_json_atomic, write_text_atomic
 
 BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
 AREAS = ("towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache")
@@ -70,11 +71,8 @@ def main(argv=None) -> int:
                           "cpu_threads": torch.get_num_threads(), "device": args.device,
                           "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
               "quick": args.quick, "results": results}
-    for name, text in (("benchmark.json", json.dumps(report, indent=2)), ("benchmark.md", markdown_table(results))):
-        tmp = os.path.join(args.out, name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(args.out, name))
+    write_json_atomic(os.path.join(args.out, "benchmark.json"), report, indent=2)
+    write_text_atomic(os.path.join(args.out, "benchmark.md"), markdown_table(results))
     print(markdown_table(results))
     return 1 if any("error" in r for r in results) else 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from typing import Dict, List, Sequence
 
@@ -30,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from open_clip_ecg.atomic import write_text_atomic
-from open_clip_ecg.data.pipeline import iterate_samples, read_shard_info
+from open_clip_ecg.atomic import write_json_atomic
+from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.pipeline import iterate_samples
 from open_clip_ecg.data.text import FINDING_TEMPLATES
-from open_clip_ecg.embed import embed_shards, load_model, resolve_shards
+from open_clip_ecg.embed import embed_shards, resolve_shards
+from open_clip_ecg.factory import load_model
 
 RHYTHM = {"AFIB", "AFLT", "BIGU", "PACE", "PSVT", "SARRH", "SBRAD", "STACH", "SVARR", "SVTAC", "TRIGU", "PVC", "PAC"}
 
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     rows = diagnose(model, tokenizer, args.shards, args.codes)
     print(markdown(rows))
     if args.out:
-        write_text_atomic(args.out, json.dumps(rows, indent=2))
+        write_json_atomic(args.out, rows, indent=2)
     return 0
 
 

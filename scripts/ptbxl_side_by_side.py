@@ -16,16 +16,17 @@ under ``OUT/<task>/<method>/`` and the comparison as ``OUT/side_by_side.md`` / `
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List
 
+from open_clip_ecg.atomic import write_json_atomic, write_text_atomic
 from open_clip_ecg.baselines import CHECKPOINT_NAME, evaluate_supervised, train_supervised
-from open_clip_ecg.embed import load_model
-from open_clip_ecg.evaluate import evaluate_zeroshot, write_report
+from open_clip_ecg.evaluate import evaluate_zeroshot
+from open_clip_ecg.factory import load_model
 from open_clip_ecg.metrics import HEADLINE_METRICS
 from open_clip_ecg.probe import DEFAULT_FRACTIONS, run_probe
+from open_clip_ecg.reporting import write_report
 
 COLUMNS = ("macro_auroc", "macro_ap", "micro_f1", "macro_f1", "jaccard_samples", "exact_match")
 
@@ -114,11 +115,10 @@ def main(argv=None) -> int:
     rows = side_by_side(args)
     table = write_table(rows, args)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "side_by_side.md"), "w", encoding="utf-8") as f:
-        f.write(table)
-    with open(os.path.join(args.out, "side_by_side.json"), "w", encoding="utf-8") as f:
-        json.dump([{k: (v if k != "metrics" else {h: v["headline"][h] for h in HEADLINE_METRICS})
-                    for k, v in row.items()} for row in rows], f, indent=2)
+    write_text_atomic(os.path.join(args.out, "side_by_side.md"), table)
+    write_json_atomic(os.path.join(args.out, "side_by_side.json"),
+                      [{k: (v if k != "metrics" else {h: v["headline"][h] for h in HEADLINE_METRICS})
+                        for k, v in row.items()} for row in rows], indent=2)
     print(table)
     return 0
 

@@ -37,14 +37,15 @@ import numpy as np
 import torch
 
 from open_clip_ecg import metrics as M
-from open_clip_ecg.atomic import write_atomic
+from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_atomic
 from open_clip_ecg.baselines import evaluate_supervised, load_supervised, score_supervised, train_supervised
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
-from open_clip_ecg.embed import embed_shards, load_model, resolve_shards
-from open_clip_ecg.evaluate import choose_thresholds, labelled_scores, summarize
-from open_clip_ecg.scoring import AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer
+from open_clip_ecg.embed import embed_shards, resolve_shards
+from open_clip_ecg.factory import load_model
+from open_clip_ecg.scoring import (AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer, choose_thresholds,
+                                   labelled_scores, summarize)
 from open_clip_ecg.tasks import get_task
 from open_clip_ecg.train import main as train_main
 
@@ -88,20 +89,6 @@ def _write_npz(path: str, arrays: Dict) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-    write_atomic(path, write)
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
-
-
-def _write_json(path: str, value) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2)
     write_atomic(path, write)
 
 
@@ -196,7 +183,7 @@ class Study:
                                      "logit_bias": float(model.logit_bias.detach())})
                 print(f"fold 7 {name:40s} {names:10s} {aggregate:8s} {scoring:8s} "
                       f"mean {setting_rows[-1]['fold7_mean']:.3f}", flush=True)
-            _write_json(path, setting_rows)
+            write_json_atomic(path, setting_rows, indent=2)
             rows += setting_rows
         return {"rows": rows, "best": max(rows, key=lambda r: r["fold7_mean"])}
 
@@ -290,7 +277,7 @@ class Study:
                                        f"{self.shards} (val)", about["n_samples"], a.batch_size, 0)
                 row["supervised"][task_name] = _macro_auroc(task, val)
             print(f"curve {n_shards} shards ({n_records} records): {row}", flush=True)
-            _write_json(path, row)
+            write_json_atomic(path, row, indent=2)
             rows.append(row)
         return rows
 
@@ -450,9 +437,9 @@ def main(argv=None) -> int:
         differences = {t: paired_difference(args.out, runs, "jaccard", "identity", t, args.bootstrap) for t in TASKS}
     result = {"selection_best": selection["best"], "runs": runs, "supervised": supervised, "learning_curve": curve,
               "jaccard_minus_identity": differences, "options": {k: v for k, v in vars(args).items()}}
-    _write_json(os.path.join(args.out, "study.json"), result)
+    write_json_atomic(os.path.join(args.out, "study.json"), result, indent=2)
     table = write_tables(args.out, selection, runs, supervised, differences, args, curve)
-    _write_text(os.path.join(args.out, "study.md"), table)
+    write_text_atomic(os.path.join(args.out, "study.md"), table)
     print(table)
     return 0
 

@@ -20,10 +20,12 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader
-from open_clip_ecg.embed import embed_shards, load_model
-from open_clip_ecg.evaluate import evaluate_zeroshot, write_report
+from open_clip_ecg.embed import embed_shards
+from open_clip_ecg.evaluate import evaluate_zeroshot
+from open_clip_ecg.factory import load_model
 from open_clip_ecg.loss import MultiLabelSigLipLoss
 from open_clip_ecg.prompts import task_prompts
+from open_clip_ecg.reporting import write_report
 from open_clip_ecg.tasks import get_task
 
 MODEL = "ECG-RN18-CLIPText"

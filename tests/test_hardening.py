@@ -412,7 +412,7 @@ def test_export_round_trip_through_local_dir_gives_identical_embeddings(vocabula
     import open_clip
     import torch
 
-    from open_clip_ecg.embed import load_model
+    from open_clip_ecg.factory import load_model
 
     checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", "ECG-RN18-CLIPText", ecg_cfg(vocabulary, normalize="zscore"))
     result = run_cli("export", "--model", "ECG-RN18-CLIPText", "--pretrained", checkpoint, "--out", tmp_path / "dir")
@@ -441,7 +441,7 @@ def test_export_of_an_hf_text_tower_loads_from_local_dir_and_hf_hub(vocabulary, 
     import torch
 
     import open_clip_ecg
-    from open_clip_ecg.embed import load_model
+    from open_clip_ecg.factory import load_model
     from open_clip_ecg.export import export_model
 
     name = "ECG-RN18-MiniLM"
@@ -504,7 +504,8 @@ def test_the_recorded_crop_and_normalisation_are_applied(synthetic_shards, vocab
     import torch
 
     from open_clip_ecg.data.pipeline import make_eval_loader
-    from open_clip_ecg.embed import embed_shards, load_model
+    from open_clip_ecg.embed import embed_shards
+    from open_clip_ecg.factory import load_model
     from open_clip_ecg.zeroshot import encode_ecg
 
     cfg = dict(ecg_cfg(vocabulary, normalize="zscore"), eval_seconds=4.0)

@@ -1,11 +1,16 @@
 """Atomic file writes: write to a temporary sibling, then rename, so a crash never leaves half a file.
 
+The one home of file writing for every module and script: :func:`write_atomic` for writers that
+take a path (plots, ``torch.save``, safetensors), :func:`write_text_atomic` and
+:func:`write_json_atomic` for text and JSON.
+
 Temporaries are named ``NAME.tmpPID`` (PID of the writing process). A process killed between write
 and rename leaves one behind; :func:`remove_stale_temps` deletes those whose process is gone, so
 re-runs and resumes leave a folder equal to that of an uninterrupted run.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -38,6 +43,12 @@ def write_text_atomic(path, text: str) -> None:
             f.write(text)
 
     write_atomic(path, write)
+
+
+def write_json_atomic(path, value, *, final_newline: bool = False, **dump_kwargs) -> None:
+    """Atomically write `value` as UTF-8 JSON, ``json.dumps(value, **dump_kwargs)`` (plus ``\\n``
+    with `final_newline`), so each caller keeps its file's exact bytes."""
+    write_text_atomic(path, json.dumps(value, **dump_kwargs) + ("\n" if final_newline else ""))
 
 
 def _process_alive(pid: int) -> bool:

@@ -15,7 +15,7 @@ evaluation (default: the whole stored record). With ``--val-data`` the epoch wit
 validation macro AUROC is kept and thresholds are chosen there; without it the last epoch and 0.5.
 The checkpoint (``supervised.pt``, atomic) holds only tensors and plain values, so it loads with
 ``torch.load(weights_only=True)`` (:func:`load_supervised`). Scoring and the report are the
-zero-shot evaluation's (:func:`open_clip_ecg.evaluate.summarize` / ``write_report``).
+zero-shot evaluation's (:func:`open_clip_ecg.scoring.summarize` / :func:`open_clip_ecg.reporting.write_report`).
 """
 from __future__ import annotations
 
@@ -32,19 +32,18 @@ import torch.nn.functional as F
 from .data.pipeline import ECGSamplePreparer, make_epoch_loader
 from .atomic import write_atomic
 from .embed import crop_length, map_shards, model_leads, resolve_shards
-from .evaluate import (
+from .metrics import headline_metrics
+from .reporting import headline_line, write_report
+from .scoring import (
     EvaluationResult,
-    add_data_arguments,
+    add_evaluation_arguments,
     check_disjoint,
     choose_thresholds,
     describe_shards,
-    headline_line,
     labelled_scores,
     resolve_task,
     summarize,
-    write_report,
 )
-from .metrics import headline_metrics
 from .tasks import Task
 
 _LOGGER = logging.getLogger(__name__)
@@ -185,7 +184,7 @@ def evaluate_supervised(model, about: Dict, data, *, split: Optional[str] = None
 def add_arguments(parser) -> None:
     parser.add_argument("--train-data", required=True, help="training shards (spec, or folder with --train-split)")
     parser.add_argument("--train-split", default=None, help="split of --train-data when it is a folder")
-    add_data_arguments(parser)
+    add_evaluation_arguments(parser)
     parser.add_argument("--arch", default="ecg_resnet1d18", help="timm ECG tower (default: ecg_resnet1d18)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)

@@ -17,7 +17,6 @@ of each row; rows in shard order with the default ``--workers 0``) and ``emb/emb
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -26,11 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .atomic import write_atomic
+from .atomic import write_atomic, write_json_atomic
 from .data.manifest import read_shard_info
 from .data.pipeline import expand_shards, make_eval_loader
+from .factory import load_model
 from .leads import STANDARD_LEADS
-from .model_preprocess import check_shards_fit, read_checkpoint_preprocess
+from .model_preprocess import check_shards_fit
 from .zeroshot import encode_ecg
 
 
@@ -50,61 +50,6 @@ class EmbeddedShards:
     n_samples: int
     sampling_rate: float
     shards: List[str]
-
-
-def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
-    """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
-
-    `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
-    'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, loaded by
-    ``open_clip.create_model(name, pretrained=path)``, which reads it with
-    ``torch.load(weights_only=True)`` and loads it strictly. open_clip fails in several ways on a
-    checkpoint of another architecture (a RuntimeError listing hundreds of keys, or an
-    AttributeError while resizing positional embeddings); any failure is diagnosed here and, if the
-    tensors do not fit the model, becomes a ValueError naming both and the differing tensors.
-    ``None`` gives fresh initial weights. The checkpoint's recorded ECG preprocessing (or None) becomes
-    ``model.ecg_preprocess``.
-    """
-    import open_clip
-
-    from .registry import list_ecg_models
-
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
-    if pretrained is not None and not os.path.isfile(pretrained):
-        raise ValueError(f"checkpoint {pretrained!r} does not exist")
-    try:
-        model = open_clip.create_model(name, pretrained=pretrained, device=device)
-    except Exception as err:
-        if pretrained is None:
-            raise
-        raise_if_checkpoint_does_not_fit(name, pretrained, err)
-        raise
-    model.eval()
-    model.ecg_preprocess = read_checkpoint_preprocess(pretrained) if pretrained is not None else None
-    return model, open_clip.get_tokenizer(name)
-
-
-def raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
-    """ValueError when `pretrained` is unreadable or its tensors are missing, extra or resized for `name`."""
-    import open_clip
-    from open_clip.factory import load_state_dict
-
-    try:
-        state = load_state_dict(pretrained, weights_only=True)
-    except Exception as load_err:  # not a checkpoint: torch's unpickler fails in many ways (IndexError, EOFError...)
-        raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {load_err}") from err
-    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatches", resized))
-                if items]
-    if problems:
-        raise ValueError(f"checkpoint {pretrained!r} does not match model {name!r}: {'; '.join(problems)}. "
-                         "Pass the --model the checkpoint was trained with.") from err
 
 
 def resolve_shards(spec, split: Optional[str] = None) -> List[str]:
@@ -187,14 +132,11 @@ def write_embeddings(embedded: EmbeddedShards, out_dir: str, about: Dict) -> Dic
             for row, (key, codes) in enumerate(zip(embedded.records.keys, embedded.records.label_codes)):
                 writer.writerow([row, key, " ".join(codes)])
 
-    def save_about(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({**about, "shape": list(embedded.embeddings.shape), "n_samples": embedded.n_samples,
-                       "sampling_rate": embedded.sampling_rate, "shards": embedded.shards}, f, indent=2)
-
     write_atomic(paths["embeddings.npy"], save_npy)
     write_atomic(paths["index.csv"], save_index)
-    write_atomic(paths["embed.json"], save_about)
+    write_json_atomic(paths["embed.json"], {**about, "shape": list(embedded.embeddings.shape),
+                                            "n_samples": embedded.n_samples, "sampling_rate": embedded.sampling_rate,
+                                            "shards": embedded.shards}, indent=2)
     return paths
 
 

@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Dict, Optional
 
-from .atomic import write_atomic, write_text_atomic
-from .embed import load_model
+from .atomic import write_atomic, write_json_atomic
+from .factory import load_model
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -49,7 +49,7 @@ def export_model(model_name: str, pretrained: str, out_dir, hf_repo: Optional[st
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_atomic(out_dir / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config = {"model_cfg": model_cfg, "preprocess_cfg": {"ecg": model.ecg_preprocess}}
-    write_text_atomic(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out_dir / CONFIG_FILE, config, final_newline=True, indent=2, sort_keys=True)
     return out_dir
 
 

@@ -1,15 +1,75 @@
-"""``open_clip_ecg.create_model_and_transforms``: open_clip's familiar triple for ECG models.
+"""Trained ECG models from their names and checkpoints: the one place models are loaded.
 
-Returns ``(model, preprocess_train, preprocess_val)`` where each preprocess is a callable
-``(raw signal [leads, T], sampling rate, lead names) -> model input`` built from the ECG
-preprocessing the model carries (:mod:`.model_preprocess`); open_clip's own transforms are for
-images and do not apply to ECGs.
+- :func:`load_model`: ``(model, tokenizer)`` of a config name and an open_clip_train checkpoint,
+  with a diagnosis naming both when the checkpoint belongs to another model
+  (:func:`raise_if_checkpoint_does_not_fit`, which training uses for ``--pretrained`` too).
+- :func:`create_model_and_transforms`: open_clip's familiar triple for ECG models,
+  ``(model, preprocess_train, preprocess_val)`` where each preprocess is a callable
+  ``(raw signal [leads, T], sampling rate, lead names) -> model input`` built from the ECG
+  preprocessing the model carries (:mod:`.model_preprocess`); open_clip's own transforms are for
+  images and do not apply to ECGs.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
-from .model_preprocess import ECGPreprocess
+from .model_preprocess import ECGPreprocess, read_checkpoint_preprocess
+
+
+def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
+    """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
+
+    `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
+    'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, loaded by
+    ``open_clip.create_model(name, pretrained=path)``, which reads it with
+    ``torch.load(weights_only=True)`` and loads it strictly. open_clip fails in several ways on a
+    checkpoint of another architecture (a RuntimeError listing hundreds of keys, or an
+    AttributeError while resizing positional embeddings); any failure is diagnosed here and, if the
+    tensors do not fit the model, becomes a ValueError naming both and the differing tensors.
+    ``None`` gives fresh initial weights. The checkpoint's recorded ECG preprocessing (or None) becomes
+    ``model.ecg_preprocess``.
+    """
+    import open_clip
+
+    from .registry import list_ecg_models
+
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
+    if pretrained is not None and not os.path.isfile(pretrained):
+        raise ValueError(f"checkpoint {pretrained!r} does not exist")
+    try:
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except Exception as err:
+        if pretrained is None:
+            raise
+        raise_if_checkpoint_does_not_fit(name, pretrained, err)
+        raise
+    model.eval()
+    model.ecg_preprocess = read_checkpoint_preprocess(pretrained) if pretrained is not None else None
+    return model, open_clip.get_tokenizer(name)
+
+
+def raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
+    """ValueError when `pretrained` is unreadable or its tensors are missing, extra or resized for `name`."""
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    try:
+        state = load_state_dict(pretrained, weights_only=True)
+    except Exception as load_err:  # not a checkpoint: torch's unpickler fails in many ways (IndexError, EOFError...)
+        raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {load_err}") from err
+    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    problems = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatches", resized))
+                if items]
+    if problems:
+        raise ValueError(f"checkpoint {pretrained!r} does not match model {name!r}: {'; '.join(problems)}. "
+                         "Pass the --model the checkpoint was trained with.") from err
 
 
 def create_model_and_transforms(model_name: str, pretrained: Optional[str] = None, device="cpu",
@@ -20,7 +80,6 @@ def create_model_and_transforms(model_name: str, pretrained: Optional[str] = Non
     import open_clip
     from open_clip.factory import parse_model_name
 
-    from .embed import load_model
     from .export import exported_preprocess
 
     schema, _ = parse_model_name(model_name)

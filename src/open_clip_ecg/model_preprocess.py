@@ -8,7 +8,7 @@ open_clip_train's checkpoint dict; ``preprocess_cfg.ecg`` of an exported ``open_
      "leads": ["I", ...], "normalize": "center", "text": "report",
      "vocabulary": [{"id": 0, "code": "AF", "name": "atrial fibrillation"}, ...]}
 
-:func:`open_clip_ecg.embed.load_model` attaches it to the model (``model.ecg_preprocess``), and
+:func:`open_clip_ecg.factory.load_model` attaches it to the model (``model.ecg_preprocess``), and
 everything that embeds shards (evaluate, embed, probe, the Python API) applies it: the crop and
 normalisation by default, and a shard folder at another sampling rate is refused with what to do.
 Checkpoints written before this existed have none: the shards' own rate, the whole stored record

@@ -23,7 +23,6 @@ evaluates are standardised and fed to one scikit-learn ``LogisticRegression`` pe
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -34,20 +33,20 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .atomic import write_atomic
-from .embed import EmbeddedShards, embed_shards, load_model, resolve_shards
-from .evaluate import (
+from .atomic import write_json_atomic, write_text_atomic
+from .embed import EmbeddedShards, embed_shards, resolve_shards
+from .factory import load_model
+from .metrics import HEADLINE_METRICS, headline_metrics
+from .reporting import headline_line, write_report
+from .scoring import (
     LabelledScores,
-    add_data_arguments,
+    add_evaluation_arguments,
     check_disjoint,
     choose_thresholds,
     describe_shards,
-    headline_line,
     resolve_task,
     summarize,
-    write_report,
 )
-from .metrics import HEADLINE_METRICS, headline_metrics
 from .tasks import Task
 
 DEFAULT_FRACTIONS = (0.01, 0.1, 1.0)
@@ -188,17 +187,8 @@ def write_probe_reports(results: Dict[float, object], out_dir: str) -> Dict[str,
                             for k in HEADLINE_METRICS)
         lines.append(f"| {entry['label_fraction']:g} | {entry['train_records']} | {entry['C']:g} | {values} |")
     paths = {"probe.json": os.path.join(out_dir, "probe.json"), "probe.md": os.path.join(out_dir, "probe.md")}
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-
-    def write_md(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-
-    write_atomic(paths["probe.json"], write_json)
-    write_atomic(paths["probe.md"], write_md)
+    write_json_atomic(paths["probe.json"], summary, indent=2)
+    write_text_atomic(paths["probe.md"], "\n".join(lines) + "\n")
     return paths
 
 
@@ -207,7 +197,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
     parser.add_argument("--train-data", required=True, help="training shards (spec, or folder with --train-split)")
     parser.add_argument("--train-split", default=None, help="split of --train-data when it is a folder")
-    add_data_arguments(parser)
+    add_evaluation_arguments(parser)
     parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
                         help="fractions of the training labels (default: 0.01 0.1 1.0)")
     parser.add_argument("--C", type=float, default=None,

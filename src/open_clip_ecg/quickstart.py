@@ -102,8 +102,9 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
     from .data.readers import get_reader
     from .data.shard_writer import ShardOptions, write_shards
     from .data.synthetic import write_synthetic_dataset
-    from .embed import load_model
-    from .evaluate import evaluate_zeroshot, headline_line, write_report
+    from .evaluate import evaluate_zeroshot
+    from .factory import load_model
+    from .reporting import headline_line, results_table, write_report
     from .train import main as train_main
 
     fmt, path = parse_data_spec(data)
@@ -176,18 +177,6 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
     for name, p in paths.items():
         print(f"{name:>14}: {p}")
     return paths
-
-
-def results_table(results) -> str:
-    """Markdown table, one row per task: macro AUROC with its 95% interval, micro-F1, sample Jaccard."""
-    lines = ["| task | macro AUROC [95% CI] | micro-F1 | sample Jaccard |", "|---|---|---|---|"]
-    for result in results:
-        h = result.metrics["headline"]
-        ci = ((result.metrics.get("confidence_intervals") or {}).get("intervals") or {}).get("macro_auroc")
-        auroc = "n/a" if h["macro_auroc"] is None else f"{h['macro_auroc']:.3f}" + (
-            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        lines.append(f"| {result.task.name} | {auroc} | {h['micro_f1']:.3f} | {h['jaccard_samples']:.3f} |")
-    return "\n".join(lines)
 
 
 def add_arguments(parser) -> None:

@@ -45,6 +45,7 @@ import open_clip
 import open_clip.factory
 import timm
 
+from .atomic import write_text_atomic
 from .decoder_lm import POOLINGS, DecoderLMTokenizer, is_decoder_lm_folder
 from .text_cache import TextEmbeddingCache
 from .text_towers import CACHED_MODE, DECODER_MODE
@@ -125,9 +126,7 @@ def _write_config(name: str, model_cfg: Dict[str, Any]) -> bool:
     text = json.dumps(model_cfg, indent=2, sort_keys=True)
     if path.is_file() and path.read_text(encoding="utf-8") == text:
         return False
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, text)
     return True
 
 

@@ -1,8 +1,11 @@
-"""Zero-shot scores of a task's labels: which prompts, which statements, which rule.
+"""How a task is scored, for every method: zero-shot scores by rules, then thresholds and metrics.
 
-:mod:`open_clip_ecg.zeroshot` turns prompts into a classifier and ECG embeddings into pair
-probabilities; this module decides what is scored for an evaluation task
-(:mod:`open_clip_ecg.tasks`) and how:
+The chain ``task -> probabilities -> thresholds -> metrics`` lives here, so the zero-shot
+evaluation, the supervised baseline, the linear probe and training-time zero-shot score alike.
+
+**Zero-shot scores.** :mod:`open_clip_ecg.zeroshot` turns prompts into a classifier and ECG
+embeddings into pair probabilities; :class:`TaskScorer` decides what is scored for an evaluation
+task (:mod:`open_clip_ecg.tasks`) and how (:class:`ScoringRules`):
 
 - **prompt names** (``names``): ``shipped`` (each finding's English name and synonyms from the
   shipped prompt tables), ``name`` (the English name only: synonyms like "slow sinus rhythm"
@@ -21,18 +24,35 @@ probabilities; this module decides what is scored for an evaluation task
   like across ECGs whatever a prompt's overall similarity level.
 
 The rules are recorded in ``metrics.json`` (:meth:`TaskScorer.describe`).
+
+**Thresholds and metrics, any method.** A method's scores on one set of shards become
+:class:`LabelledScores` (:func:`labelled_scores`: the task's targets beside the scores, records
+without a task label dropped). Thresholds are 0.5, or per-label max-F1 on validation records only
+(:func:`choose_thresholds`); validation data that share records with the evaluated data are
+refused (:func:`check_disjoint`). :func:`summarize` scores with fixed thresholds
+(:mod:`open_clip_ecg.metrics`) into an :class:`EvaluationResult`, whose ``metrics`` is what
+``metrics.json`` holds (:mod:`open_clip_ecg.reporting` writes it).
+
+The command-line options the evaluating subcommands share are here too
+(:func:`add_evaluation_arguments`, :func:`add_scoring_arguments`, :func:`scoring_rules`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import metrics as M
+from .data.manifest import read_shard_info
 from .prompts import PROMPT_NAMES, task_prompts
-from .tasks import SCP, SNOMED, Task, TaskLabel
+from .tasks import SCP, SNOMED, TASKS, Task, TaskLabel, get_task
 from .zeroshot import DEFAULT_TEMPLATES, build_zeroshot_classifier
+
+if TYPE_CHECKING:
+    from .embed import ShardRecords
 
 AGGREGATIONS = ("prompt", "noisy-or", "max", "mean")
 SCORINGS = ("sigmoid", "contrast")
@@ -138,3 +158,135 @@ class TaskScorer:
             about["aggregation"] = {"noisy-or": "1 - prod(1 - p_statement)", "max": "max(p_statement)",
                                     "mean": "mean(p_statement)"}[self.rules.aggregate]
         return about
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores of any method -> thresholds -> metrics
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelledScores:
+    """Scores of one method on one set of shards, restricted to the records the task evaluates."""
+
+    y_true: np.ndarray  # bool [N, n_labels]
+    y_score: np.ndarray  # float [N, n_labels]
+    keys: List[str]
+    spec: str  # the shards as the user gave them
+    n_read: int  # records read before the task's filter
+
+
+@dataclass
+class EvaluationResult:
+    task: Task
+    method: str
+    scores: LabelledScores
+    thresholds: np.ndarray
+    metrics: Dict  # what metrics.json holds
+
+
+def resolve_task(task: Union[str, Task], shards: Sequence[str]) -> Task:
+    """A task object; `labels` takes the vocabulary written beside `shards`."""
+    if isinstance(task, Task):
+        return task
+    return get_task(task, vocabulary=read_shard_info(shards)["vocabulary"] if task == "labels" else None)
+
+
+def labelled_scores(task: Task, records: "ShardRecords", y_score: np.ndarray, spec: str) -> LabelledScores:
+    """Task targets of `records` beside their scores, keeping the records the task evaluates."""
+    y_true, keep = task.targets(records.label_codes, records.metas, records.keys, where=f"shards {spec!r}")
+    keys = [k for k, kept in zip(records.keys, keep) if kept]
+    return LabelledScores(y_true[keep], np.asarray(y_score, dtype=np.float64)[keep], keys, spec, len(keep))
+
+
+def describe_shards(spec, split: Optional[str] = None) -> str:
+    """The shards as the user named them, e.g. ``'shards/ (split test)'``."""
+    return f"{spec} (split {split})" if split else str(spec)
+
+
+def check_disjoint(evaluated, validation) -> None:
+    """Refuse validation data that share records with the evaluated data (thresholds would leak).
+
+    Both arguments have ``keys`` and ``spec`` (:class:`LabelledScores` or the probe's rows)."""
+    shared = sorted(set(evaluated.keys) & set(validation.keys))
+    if shared:
+        raise ValueError(f"--val-data {validation.spec!r} and --data {evaluated.spec!r} share {len(shared)} "
+                         f"record(s) (e.g. {shared[0]}): thresholds must come from other records")
+
+
+def choose_thresholds(codes: Sequence[str], validation: Optional[LabelledScores] = None):
+    """(thresholds, metrics.json 'thresholds' entry): 0.5, or max-F1 per label on `validation`."""
+    if validation is None:
+        return (np.full(len(codes), M.DEFAULT_THRESHOLD),
+                {"source": "fixed", "value": M.DEFAULT_THRESHOLD,
+                 "note": "no --val-data: every label uses 0.5; no data chose it"})
+    thresholds, sources = M.max_f1_thresholds(validation.y_true, validation.y_score)
+    return thresholds, {
+        "source": "validation max-F1", "val_data": validation.spec, "val_records": len(validation.keys),
+        "note": "per-label thresholds maximising F1 on the validation records; the evaluated records "
+                "were not used",
+        "per_label": {code: {"threshold": float(t), "source": s} for code, t, s in zip(codes, thresholds, sources)},
+    }
+
+
+def summarize(task: Task, method: str, scores: LabelledScores, thresholds: np.ndarray, threshold_info: Dict,
+              n_bootstrap: int = 1000, seed: int = 0, about: Optional[Dict] = None) -> EvaluationResult:
+    """Score `scores` with fixed `thresholds`: the metrics.json content, whatever the method."""
+    evaluated = M.evaluate_scores(scores.y_true, scores.y_score, thresholds, task.codes,
+                                  n_bootstrap=n_bootstrap, seed=seed)
+    names = {label.code: label.name for label in task.labels}
+    label_sources = threshold_info.get("per_label", {})
+    for row in evaluated["per_label"]:
+        row["name"] = names[row["code"]]
+        row["threshold_source"] = label_sources.get(row["code"], {}).get("source", threshold_info["source"])
+    metrics = {
+        "method": method,
+        **(about or {}),
+        "task": {"name": task.name, "description": task.description, "codes": task.codes,
+                 **({"notes": task.notes} if task.notes else {})},
+        "data": {"spec": scores.spec, "records_read": scores.n_read, "records_evaluated": len(scores.keys),
+                 "records_without_task_label_not_evaluated": scores.n_read - len(scores.keys)},
+        "thresholds": threshold_info,
+        **evaluated,
+    }
+    return EvaluationResult(task, method, scores, np.asarray(thresholds), metrics)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line options shared by the evaluating subcommands and scripts
+# ------------------------------------------------------------------------------------------------
+
+def add_evaluation_arguments(parser) -> None:
+    """Options every evaluating subcommand (evaluate, train-supervised, probe) shares."""
+    parser.add_argument("--data", required=True,
+                        help="evaluated shards: brace pattern, glob, '::' list, or a folder with --split")
+    parser.add_argument("--split", default=None, help="split of --data when it is a folder (e.g. test)")
+    parser.add_argument("--val-data", default=None,
+                        help="validation shards: per-label max-F1 thresholds are chosen here (default: 0.5)")
+    parser.add_argument("--val-split", default=None, help="split of --val-data when it is a folder (e.g. val)")
+    parser.add_argument("--task", default="labels", choices=TASKS, help="label set to score (default: labels)")
+    parser.add_argument("--out", required=True, help="output folder for metrics.json, per_label.*, report.md")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=None, help="centre crop length (default: whole record)")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_scoring_arguments(parser) -> None:
+    """The zero-shot scoring rules (:class:`ScoringRules`) as options of ``open-clip-ecg evaluate``."""
+    defaults = ScoringRules()
+    parser.add_argument("--prompt-names", choices=PROMPT_NAMES, default=defaults.names,
+                        help=f"finding names in prompts: shipped names and synonyms, the English name only, or "
+                             f"the shards' vocabulary names (default {defaults.names})")
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, default=defaults.aggregate,
+                        help="score a label from its own prompts, or combine the probabilities of its member "
+                             f"statements (PTB-XL superclasses/subclasses) (default {defaults.aggregate})")
+    parser.add_argument("--scoring", choices=SCORINGS, default=defaults.scoring,
+                        help="SigLIP pair probability, or finding vs its negation ('no ...') "
+                             f"(default {defaults.scoring})")
+
+
+def scoring_rules(args) -> ScoringRules:
+    """The :class:`ScoringRules` of parsed :func:`add_scoring_arguments` options."""
+    return ScoringRules(names=args.prompt_names, aggregate=args.aggregate, scoring=args.scoring)

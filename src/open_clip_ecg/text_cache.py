@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_atomic, write_text_atomic
+from .atomic import write_atomic, write_json_atomic
 from .decoder_lm import DecoderLM, DecoderLMTokenizer, model_identity
 
 __all__ = ["CACHE_FORMAT", "TextEmbeddingCache", "build_text_cache", "add_arguments", "run"]
@@ -85,8 +85,7 @@ class TextEmbeddingCache:
                                  f"{cache.model['pooling']}); use a new --out folder for {model['folder']}")
             return cache
         folder.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(folder / _INDEX, json.dumps({"format": CACHE_FORMAT, "model": model, "parts": []},
-                                                      indent=2))
+        write_json_atomic(folder / _INDEX, {"format": CACHE_FORMAT, "model": model, "parts": []}, indent=2)
         return cls.open(folder)
 
     @staticmethod
@@ -171,7 +170,7 @@ class TextEmbeddingCache:
             write_atomic(self.folder / name, lambda tmp: save_file(tensors, tmp))
             index = self._read_index(self.folder)
             index["parts"].append(name)
-            write_text_atomic(self.folder / _INDEX, json.dumps(index, indent=2))
+            write_json_atomic(self.folder / _INDEX, index, indent=2)
             self._load_parts([name])
 
     def lookup(self, rows: torch.Tensor, checks: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ from .data.pipeline import (
     unpack_text_and_labels,
 )
 from .data.manifest import read_shard_info
-from .embed import raise_if_checkpoint_does_not_fit
+from .factory import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
 from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg

@@ -10,14 +10,13 @@ it and refuse a folder whose manifest declares another format version.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from ..atomic import write_text_atomic
+from ..atomic import write_json_atomic
 from ..leads import STANDARD_LEADS
 from .shard_format import (
     MANIFEST_VERSION,
@@ -36,7 +35,7 @@ SIZES_FILE = "sizes.json"
 
 def write_folder_json(path: Path, value) -> None:
     """A folder file (manifest, sizes, vocabulary, the writer's progress), atomically, in its one layout."""
-    write_text_atomic(path, json.dumps(jsonable(value), indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    write_json_atomic(path, jsonable(value), final_newline=True, indent=1, sort_keys=True, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------

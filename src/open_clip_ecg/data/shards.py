@@ -146,9 +146,6 @@ def run(args) -> int:
     except RecordError as err:
         print(f"error (--strict): {err}", file=sys.stderr)
         return 1
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     print(summarize_skips(manifest), file=sys.stderr)
     if manifest["records"]["written"] == 0:
         print(f"error: {empty_run_message(manifest, args.format)}", file=sys.stderr)
