@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import open_clip_ecg.train as ecg_train
+from open_clip_ecg import cli
 from open_clip_ecg.data import pipeline
 
 MODEL = "ECG-RN18-CLIPText"
@@ -143,7 +144,7 @@ def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
     (["--ecg-text", "sampled", "--ecg-text-cache", "/no/cache"], "cannot hold"),
 ])
 def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_path, capsys, flags, message):
-    status = ecg_train.cli_main(train_args(synthetic_shards, tmp_path, "rejected") + flags)
+    status = cli.main(["train", *train_args(synthetic_shards, tmp_path, "rejected"), *flags])
     assert status == 2
     assert message in capsys.readouterr().err
 
