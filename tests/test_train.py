@@ -285,3 +285,24 @@ def test_sampled_training_text_trains_and_logs_truncation(synthetic_shards, tmp_
                                      "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
     log = (tmp_path / "sampled" / "out.log").read_text()
     assert "Text truncation:" in log and "findings sentence itself is cut in 0" in log
+
+
+def test_training_zero_shot_equals_evaluate_on_the_same_checkpoint(trained, synthetic_shards, tmp_path):
+    """The epoch-1 zero-shot metrics logged during training are what `open-clip-ecg evaluate` gives
+    for epoch_1.pt on the same val shards (task `labels`, default scoring rules, thresholds 0.5)."""
+    logged = _results(trained)[-1]
+    out = tmp_path / "evaluated"
+    assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(trained / "checkpoints" / "epoch_1.pt"),
+                     "--data", str(synthetic_shards / "val-*.tar"), "--out", str(out), "--bootstrap", "0",
+                     "--device", "cpu"]) == 0
+    headline = json.loads((out / "metrics.json").read_text())["headline"]
+    assert logged["zeroshot-macro-auroc"] == pytest.approx(headline["macro_auroc"], abs=1e-6)
+    assert logged["zeroshot-micro-f1"] == pytest.approx(headline["micro_f1"], abs=1e-6)
+
+
+def test_train_runs_as_a_subcommand_and_as_a_module_with_the_ecg_help():
+    for command in (["-m", "open_clip_ecg.cli", "train", "--help"], ["-m", "open_clip_ecg.train", "--help"]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr
+        assert "--ecg-targets" in result.stdout and "open_clip_train.main --help" in result.stdout

@@ -20,7 +20,9 @@ Seams per purpose (see :data:`SEAMS` for the exact list)
 * Training (:mod:`open_clip_ecg.train`, swapped for one run and restored): ``open_clip_train.main``'s
   ``parse_args``, ``create_model_and_transforms``, ``create_loss`` and ``torch`` (checkpoint saves
   and DDP; see :func:`module_view` for why the name ``torch`` itself), ``open_clip_train.data.
-  get_dataset_fn`` and ``open_clip_train.train.zero_shot_eval``; the data helpers
+  get_dataset_fn`` and ``open_clip_train.train.zero_shot_eval``; read only: ``open_clip_train.main.
+  main`` (the loop), ``open_clip_train.precision.get_autocast``, ``open_clip_train.params.parse_args``
+  (the flag list ``REJECTED_FLAGS`` is checked against) and the data helpers
   :mod:`open_clip_ecg.data.pipeline` reuses from ``open_clip_train.data``.
 * Text towers (:mod:`open_clip_ecg.text_towers`, installed on import): ``open_clip.model.
   _build_text_tower`` and ``open_clip.factory.HFTokenizer``.
@@ -32,6 +34,11 @@ Seams per purpose (see :data:`SEAMS` for the exact list)
 * Elsewhere: timm's ``feature_take_indices`` (towers' ``forward_intermediates``; timm exports it
   only from the private ``timm.models._features``), wfdb's ``BYTES_PER_SAMPLE`` (the size check
   of signal files), torch's ``_is_mkldnn_bf16_supported`` (does this CPU do bfloat16).
+
+Imported directly elsewhere, because they are public (no underscore) names of upstream modules:
+``open_clip.loss.SigLipLoss`` and its neighbour-exchange
+functions (:mod:`open_clip_ecg.loss` subclasses the loss), ``open_clip.factory.load_state_dict``
+and ``parse_model_name``, ``open_clip.tokenizer.get_clean_fn``, timm's model-building API.
 
 Upstream's development branch (open_clip 4.2.0.dev0, not on PyPI)
 -------------------------------------------------------------------
@@ -157,6 +164,8 @@ MAIN_TORCH = Seam("open_clip_train.main", "torch",
                   "atomic checkpoint saves with the ECG preprocessing, DDP on CPUs (see module_view)")
 GET_DATASET_FN = Seam("open_clip_train.data", "get_dataset_fn", "ECG shard loaders instead of image loaders")
 ZERO_SHOT_EVAL = Seam("open_clip_train.train", "zero_shot_eval", "multi-label zero-shot on the val shards")
+TRAINING_MAIN = Seam("open_clip_train.main", "main", "the training loop itself, run with the seams above")
+GET_AUTOCAST = Seam("open_clip_train.precision", "get_autocast", "zero-shot validation under the run's --precision")
 TRAIN_PARAMS_PARSE_ARGS = Seam("open_clip_train.params", "parse_args",
                                "the flag list REJECTED_FLAGS is checked against")
 PIPELINE_HELPERS = tuple(
@@ -186,7 +195,7 @@ MKLDNN_BF16 = Seam("torch", "ops.mkldnn._is_mkldnn_bf16_supported",
 
 SEAMS: Tuple[Seam, ...] = (
     PARSE_ARGS, CREATE_MODEL_AND_TRANSFORMS, CREATE_LOSS, MAIN_TORCH, GET_DATASET_FN, ZERO_SHOT_EVAL,
-    TRAIN_PARAMS_PARSE_ARGS, *PIPELINE_HELPERS, BUILD_TEXT_TOWER, HF_TOKENIZER, MODEL_CONFIG_PATHS,
+    TRAINING_MAIN, GET_AUTOCAST, TRAIN_PARAMS_PARSE_ARGS, *PIPELINE_HELPERS, BUILD_TEXT_TOWER, HF_TOKENIZER, MODEL_CONFIG_PATHS,
     RESCAN_MODEL_CONFIGS, GET_HF_CONFIG, FEATURE_TAKE_INDICES, BYTES_PER_SAMPLE_SEAM, MKLDNN_BF16,
 )
 

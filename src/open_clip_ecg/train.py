@@ -389,8 +389,6 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
 
     Scores come from the scorer of ``open-clip-ecg evaluate`` (its default rules, task ``labels``
     on the val shards' vocabulary), so the two agree on the same checkpoint and shards."""
-    from open_clip_train.precision import get_autocast
-
     from .metrics import DEFAULT_THRESHOLD, headline_metrics, label_status
 
     if "val" not in data or args.zeroshot_frequency == 0:
@@ -401,7 +399,7 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
         model = model.module
     vocabulary = args.ecg_shard_info["val"]["vocabulary"]
     device = torch.device(args.device)
-    autocast = get_autocast(args.precision, device_type=device.type)
+    autocast = compat.GET_AUTOCAST.get()(args.precision, device_type=device.type)
     embeddings, targets = [], []
     with torch.inference_mode(), autocast():
         scorer = TaskScorer(model, tokenizer, get_task("labels", vocabulary=vocabulary), ScoringRules(),
@@ -570,15 +568,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "-h" in argv or "--help" in argv:
         print_help()
         return 0
-    import open_clip_train.main as oc_main
-
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
     check_inputs_before_start(open_clip_argv)
+    open_clip_main = compat.TRAINING_MAIN.get()
     root = logging.getLogger()
     root_level, root_handlers = root.level, list(root.handlers)
     try:
         with open_clip_seams(ecg_options, open_clip_argv):
-            status = oc_main.main(open_clip_argv)
+            status = open_clip_main(open_clip_argv)
     finally:
         # open_clip_train's setup_logging adds root handlers and sets every logger to INFO; undo it
         # so in-process callers (quickstart, scripts, tests) don't log twice and torch's compiler
