@@ -51,8 +51,6 @@ def test_every_command_has_help(name, capsys):
 
 def test_every_command_module_follows_the_protocol():
     for name, command in SUBCOMMANDS.items():
-        if name == "train":  # removed at merge (train.py converts in i12-A)
-            continue  # removed at merge (train.py converts in i12-A)
         module = importlib.import_module(command.module)
         assert callable(module.add_arguments) and callable(module.run), name
         assert not hasattr(module, "cli_main"), name

@@ -303,13 +303,13 @@ def test_evaluate_on_a_hostile_shard_is_one_line_naming_shard_and_key(synthetic_
 
 @pytest.mark.slow
 def test_train_on_a_hostile_shard_stops_with_an_error_naming_shard_and_key(synthetic_shards, tmp_path, capsys):
-    import open_clip_ecg.train as ecg_train
+    from open_clip_ecg.cli import main as cli_main
 
     shard, key = hostile_copy(synthetic_shards, tmp_path / "shards", "ecg.npy", npy_header((12, 10 ** 12)))
     args = ["--model", "ECG-RN18-CLIPText", "--train-data", str(tmp_path / "shards" / "train-*.tar"),
             "--val-data", str(shard), "--batch-size", "8", "--epochs", "1", "--workers", "0", "--logs",
             str(tmp_path / "logs"), "--zeroshot-frequency", "0", "--ecg-seconds", "2.5"]
-    assert ecg_train.cli_main(args) == 2
+    assert cli_main(["train", *args]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith(f"open-clip-ecg train: error: {shard} (key {key}): ecg.npy declares float16")
 

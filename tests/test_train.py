@@ -14,6 +14,7 @@ import torch
 
 import open_clip_ecg.train as ecg_train
 from conftest import tiny_run_args
+from open_clip_ecg import cli
 from open_clip_ecg.data import pipeline
 
 MODEL = "ECG-RN18-CLIPText"
@@ -141,7 +142,7 @@ def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
     (["--ecg-text", "sampled", "--ecg-text-cache", "/no/cache"], "cannot hold"),
 ])
 def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_path, capsys, flags, message):
-    status = ecg_train.cli_main(train_args(synthetic_shards, tmp_path, "rejected") + flags)
+    status = cli.main(["train", *train_args(synthetic_shards, tmp_path, "rejected"), *flags])
     assert status == 2
     assert message in capsys.readouterr().err
 
@@ -295,3 +296,24 @@ def test_sampled_training_text_trains_and_logs_truncation(synthetic_shards, tmp_
                                      "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
     log = (tmp_path / "sampled" / "out.log").read_text()
     assert "Text truncation:" in log and "findings sentence itself is cut in 0" in log
+
+
+def test_training_zero_shot_equals_evaluate_on_the_same_checkpoint(trained, synthetic_shards, tmp_path):
+    """The epoch-1 zero-shot metrics logged during training are what `open-clip-ecg evaluate` gives
+    for epoch_1.pt on the same val shards (task `labels`, default scoring rules, thresholds 0.5)."""
+    logged = _results(trained)[-1]
+    out = tmp_path / "evaluated"
+    assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(trained / "checkpoints" / "epoch_1.pt"),
+                     "--data", str(synthetic_shards / "val-*.tar"), "--out", str(out), "--bootstrap", "0",
+                     "--device", "cpu"]) == 0
+    headline = json.loads((out / "metrics.json").read_text())["headline"]
+    assert logged["zeroshot-macro-auroc"] == pytest.approx(headline["macro_auroc"], abs=1e-6)
+    assert logged["zeroshot-micro-f1"] == pytest.approx(headline["micro_f1"], abs=1e-6)
+
+
+def test_train_runs_as_a_subcommand_and_as_a_module_with_the_ecg_help():
+    for command in (["-m", "open_clip_ecg.cli", "train", "--help"], ["-m", "open_clip_ecg.train", "--help"]):
+        result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr
+        assert "--ecg-targets" in result.stdout and "open_clip_train.main --help" in result.stdout

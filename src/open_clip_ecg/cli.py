@@ -7,7 +7,7 @@ to another program (``train`` -> open_clip_train) says so with
 order. Modules are imported only when their command runs.
 
 User errors are reported here and nowhere else: a ``ValueError`` (with its subclasses, such as
-:class:`~open_clip_ecg.data.schema.ShardFormatError`) or a ``FileNotFoundError`` raised by a
+:class:`~open_clip_ecg.data.shard_format.ShardFormatError`) or a ``FileNotFoundError`` raised by a
 command becomes the one line ``open-clip-ecg <command>: error: <message>`` on stderr and exit
 status 2, as argparse reports a bad flag. Messages name the file, record or value at fault, so
 no traceback is printed. Anything else is a bug and keeps its traceback.
@@ -108,8 +108,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("a command is required")
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(SUBCOMMANDS[name].module)
-    if not hasattr(module, "add_arguments"):  # removed at merge (train.py converts in i12-A)
-        return report_user_errors(name, lambda: module.main(rest))  # removed at merge (train.py converts in i12-A)
     args = parse_command_args(command_parser(name, module), rest)
     return report_user_errors(name, lambda: module.run(args))
 

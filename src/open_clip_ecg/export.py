@@ -63,7 +63,9 @@ def _copy_hf_text_files(tokenizer_source: str, model_source: str, out_dir: Path)
 
 def exported_preprocess(model_name: str) -> Optional[Dict]:
     """The ECG preprocessing of a ``local-dir:`` or ``hf-hub:`` model (None when it records none)."""
-    from open_clip.factory import _get_hf_config, parse_model_name
+    from open_clip.factory import parse_model_name
+
+    from .compat import get_hf_config
 
     schema, identifier = parse_model_name(model_name)
     if schema == "local-dir":
@@ -71,7 +73,7 @@ def exported_preprocess(model_name: str) -> Optional[Dict]:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     else:
-        config = _get_hf_config(identifier)
+        config = get_hf_config(identifier)
     return (config.get("preprocess_cfg") or {}).get("ecg")
 
 

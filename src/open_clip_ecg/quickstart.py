@@ -84,7 +84,9 @@ def default_precision() -> str:
     """amp_bf16 on GPUs and on CPUs with native bfloat16 (about 2x faster there), else fp32."""
     import torch
 
-    if torch.cuda.is_available() or torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from .compat import cpu_has_bf16
+
+    if torch.cuda.is_available() or cpu_has_bf16():
         return "amp_bf16"
     return "fp32"
 

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import open_clip
-import open_clip.factory
 import timm
 
+from . import compat
 from .atomic import write_text_atomic
 from .decoder_lm import POOLINGS, DecoderLMTokenizer, is_decoder_lm_folder
 from .text_cache import TextEmbeddingCache
@@ -133,15 +133,20 @@ def _write_config(name: str, model_cfg: Dict[str, Any]) -> bool:
 def _publish() -> None:
     """Make open_clip (re)read the folder: add it once, afterwards only rescan.
 
-    Seam: ``add_model_config`` appends its path on every call, so we check open_clip's path list
-    (``open_clip.factory._MODEL_CONFIG_PATHS``) and, for a folder already added, call its rescan
-    (``open_clip.factory._rescan_model_configs``) to pick up new or changed files.
+    Seams (:mod:`open_clip_ecg.compat`): ``add_model_config`` appends its path on every call, so we
+    check open_clip's path list and, for a folder already added, call its rescan to pick up new or
+    changed files.
     """
     folder = _output_dir()
-    if folder in open_clip.factory._MODEL_CONFIG_PATHS:
-        open_clip.factory._rescan_model_configs()
+    if _is_published():
+        compat.RESCAN_MODEL_CONFIGS.get()()
     else:
         open_clip.add_model_config(folder)
+
+
+def _is_published() -> bool:
+    """Whether our config folder is among open_clip's config paths."""
+    return _output_dir() in compat.MODEL_CONFIG_PATHS.get()
 
 
 def register_model_configs() -> List[str]:
@@ -156,7 +161,7 @@ def register_model_configs() -> List[str]:
             warnings.warn(f"skipping ECG model config {src.name}: {e}")
             continue
         changed |= _write_config(src.name[:-len(".json")], model_cfg)
-    if changed or _output_dir() not in open_clip.factory._MODEL_CONFIG_PATHS:
+    if changed or not _is_published():
         _publish()
     return list_ecg_models()
 
@@ -286,6 +291,6 @@ def register_ecg_text_model(
         "vision_cfg": vision_cfg,
         "text_cfg": text_cfg,
     }
-    if _write_config(name, model_cfg) or _output_dir() not in open_clip.factory._MODEL_CONFIG_PATHS:
+    if _write_config(name, model_cfg) or not _is_published():
         _publish()
     return name

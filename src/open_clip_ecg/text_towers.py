@@ -3,7 +3,8 @@
 open_clip 3.3 builds every HF text tower as ``HFTextEncoder`` (BERT-like: it passes
 ``add_pooling_layer``, which decoder models reject) and every HF tokenizer as ``HFTokenizer``.
 It has no hook for other tower types, so importing this package replaces two names open_clip
-looks up at call time, each delegating to the original unless the config asks for ours:
+looks up at call time (seams of :mod:`open_clip_ecg.compat`), each delegating to the original
+unless the config asks for ours:
 
 ==================================== ===========================================================
 seam                                 taken when
@@ -30,19 +31,18 @@ import contextlib
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
-import open_clip.factory
-import open_clip.model
 import torch
 from torch import nn
 
+from . import compat
 from .decoder_lm import DecoderLM, DecoderLMTokenizer
 from .text_cache import LMEmbedder, TextEmbeddingCache
 
 __all__ = ["CachedTextTokenizer", "CachedTextTower", "DecoderLMTextTower", "install_text_tower_seams"]
 
 DECODER_MODE, CACHED_MODE = "ecg-decoder-lm", "ecg-text-cache"
-_upstream_build_text_tower = open_clip.model._build_text_tower
-_upstream_hf_tokenizer = open_clip.factory.HFTokenizer
+_upstream_build_text_tower = compat.BUILD_TEXT_TOWER.get()
+_upstream_hf_tokenizer = compat.HF_TOKENIZER.get()
 
 
 def _project(proj: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -223,5 +223,6 @@ def _hf_tokenizer(tokenizer_name, context_length=None, cache_dir=None, tokenizer
 
 def install_text_tower_seams() -> None:
     """Route ECG LLM text configs to our towers and tokenizers (idempotent; see module docstring)."""
-    open_clip.model._build_text_tower = _build_text_tower
-    open_clip.factory.HFTokenizer = _hf_tokenizer
+    compat.check_open_clip_version()
+    compat.install(compat.BUILD_TEXT_TOWER, _build_text_tower)
+    compat.install(compat.HF_TOKENIZER, _hf_tokenizer)

@@ -2,8 +2,9 @@
 
 Every open_clip_train flag keeps its meaning (precision, --accum-freq, --resume, logs,
 tensorboard, schedules, locking, torchrun DDP); ``--ecg-*`` flags add what ECGs need. This module
-is the *only* place that touches open_clip_train. It swaps a few names that open_clip_train looks
-up at call time (the seams, listed in :func:`open_clip_seams`) for the duration of one run:
+is the *only* place that drives open_clip_train. For the duration of one run it swaps a few names
+that open_clip_train looks up at call time (the seams of :mod:`open_clip_ecg.compat`, installed by
+:func:`open_clip_seams`):
 
 =========================================== ==================================================
 seam                                        why
@@ -16,14 +17,16 @@ seam                                        why
                                             and a lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
-``open_clip_train.main.torch``              atomic ``torch.save`` that records the ECG
-                                            preprocessing with each checkpoint and removes
-                                            temporaries of killed saves; DDP that accepts CPU
-                                            modules (upstream passes ``device_ids=[cpu]``, which
-                                            torch rejects)
+``open_clip_train.main.torch``              only ``torch.save`` (atomic, records the ECG
+                                            preprocessing with each checkpoint, removes
+                                            temporaries of killed saves) and
+                                            ``torch.nn.parallel.DistributedDataParallel``
+                                            (accepts CPU modules: upstream passes
+                                            ``device_ids=[cpu]``, which torch rejects); every
+                                            other attribute is torch's (``compat.module_view``)
 ``open_clip_train.data.get_dataset_fn``     ECG shard loaders instead of image loaders
-``open_clip_train.train.zero_shot_eval``    multi-label zero-shot metrics on the val shards
-                                            instead of ImageNet
+``open_clip_train.train.zero_shot_eval``    multi-label zero-shot metrics on the val shards,
+                                            scored as ``open-clip-ecg evaluate`` scores them
 =========================================== ==================================================
 
 Why labels ride inside the text tensor: the loop does ``images, texts = batch`` and calls
@@ -47,6 +50,7 @@ import numpy as np
 import open_clip
 import torch
 
+from . import compat
 from .atomic import remove_stale_temps, write_atomic
 from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, token_count, truncation_counts
 from .data.pipeline import (
@@ -64,10 +68,13 @@ from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
 from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
 from .registry import list_ecg_models, register_ecg_text_model
+from .scoring import ScoringRules, TaskScorer
+from .tasks import get_task
 from .towers import lock_image_tower
-from .zeroshot import build_zeroshot_classifier, predict_proba_from_embeddings
 
-# Flags of open_clip_train that cannot work with ECG towers, and what to do instead.
+# Flags of open_clip_train that cannot work with ECG towers, and what to do instead. Each must be
+# one of open_clip_train's own flags (checked on every run and in tests/test_compat.py), so a flag
+# renamed upstream fails loudly instead of silently no longer being checked.
 REJECTED_FLAGS = {
     "imagenet_val": "ImageNet zero-shot needs images; ECG zero-shot runs on --val-data shards",
     "imagenet_v2": "ImageNet zero-shot needs images; ECG zero-shot runs on --val-data shards",
@@ -170,6 +177,12 @@ def _tower_lead_set(model_name: str) -> str:
 
 def check_open_clip_args(args: argparse.Namespace) -> None:
     """Reject flags that cannot work with ECG models, with what to use instead."""
+    unknown = [flag for flag in REJECTED_FLAGS if not hasattr(args, flag)]
+    if unknown:
+        raise compat.UpstreamChanged(
+            f"open_clip_ecg rejects {', '.join('--' + f.replace('_', '-') for f in unknown)}, which open_clip_train "
+            f"(open_clip_torch {compat.installed_version('open_clip_torch')}) no longer has; supported: "
+            f"open_clip_torch {compat.SUPPORTED['open_clip_torch']} (update REJECTED_FLAGS in open_clip_ecg.train)")
     problems = []
     for flag, advice in REJECTED_FLAGS.items():
         value = getattr(args, flag, None)
@@ -372,9 +385,10 @@ def _ecg_dataset_fn(data_path, dataset_type):
 # --------------------------------------------------------------------------------------------
 
 def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, float]:
-    """Multi-label zero-shot metrics on the val shards: macro AUROC and micro-F1 at 0.5."""
-    from open_clip_train.precision import get_autocast
+    """Multi-label zero-shot metrics on the val shards: macro AUROC and micro-F1 at 0.5.
 
+    Scores come from the scorer of ``open-clip-ecg evaluate`` (its default rules, task ``labels``
+    on the val shards' vocabulary), so the two agree on the same checkpoint and shards."""
     from .metrics import DEFAULT_THRESHOLD, headline_metrics, label_status
 
     if "val" not in data or args.zeroshot_frequency == 0:
@@ -385,18 +399,17 @@ def ecg_zero_shot_eval(model, data, epoch, args, tokenizer=None) -> Dict[str, fl
         model = model.module
     vocabulary = args.ecg_shard_info["val"]["vocabulary"]
     device = torch.device(args.device)
-    autocast = get_autocast(args.precision, device_type=device.type)
+    autocast = compat.GET_AUTOCAST.get()(args.precision, device_type=device.type)
     embeddings, targets = [], []
     with torch.inference_mode(), autocast():
-        classifier = build_zeroshot_classifier(model, tokenizer, [v["name"] for v in vocabulary],
-                                               device=device)
+        scorer = TaskScorer(model, tokenizer, get_task("labels", vocabulary=vocabulary), ScoringRules(),
+                            vocabulary=vocabulary)
         for ecg, packed in data["val"].dataloader:
             embeddings.append(model.encode_image(ecg.to(device), normalize=True).float())
             targets.append(unpack_text_and_labels(packed).labels)
     with torch.inference_mode():  # probabilities in float32, outside autocast
-        probs = predict_proba_from_embeddings(torch.cat(embeddings), classifier.float(),
-                                              model.logit_scale.exp(), model.logit_bias)
-    y_true, y_score = torch.cat(targets).numpy(), probs.float().cpu().numpy()
+        probs = scorer.scores(torch.cat(embeddings))
+    y_true, y_score = torch.cat(targets).numpy(), probs.cpu().numpy()
     summary = headline_metrics(y_true, y_score, np.full(y_true.shape[1], DEFAULT_THRESHOLD))
     n_scored = sum(status == "ok" for status in label_status(y_true))
     macro_auroc = summary["macro_auroc"] if summary["macro_auroc"] is not None else float("nan")
@@ -440,21 +453,11 @@ class CPUCapableDistributedDataParallel(torch.nn.parallel.DistributedDataParalle
         super().__init__(module, device_ids=device_ids, **kwargs)
 
 
-class _ModuleOverlay(types.ModuleType):
-    """A module that answers with `overrides` first and `base` for everything else."""
-
-    def __init__(self, base: types.ModuleType, **overrides):
-        super().__init__(base.__name__)
-        self._base = base
-        self.__dict__.update(overrides)
-
-    def __getattr__(self, name):
-        return getattr(self._base, name)
-
-
 def _torch_for_main(ecg_options: argparse.Namespace) -> types.ModuleType:
-    parallel = _ModuleOverlay(torch.nn.parallel, DistributedDataParallel=CPUCapableDistributedDataParallel)
-    return _ModuleOverlay(torch, save=_checkpoint_saver(ecg_options), nn=_ModuleOverlay(torch.nn, parallel=parallel))
+    """torch as open_clip_train.main sees it: its checkpoint saves and its DDP replaced, nothing else
+    (``compat.module_view`` explains why the seam is main's name ``torch``)."""
+    return compat.module_view(torch, {"save": _checkpoint_saver(ecg_options),
+                                      "nn.parallel.DistributedDataParallel": CPUCapableDistributedDataParallel})
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,12 +467,8 @@ def _torch_for_main(ecg_options: argparse.Namespace) -> types.ModuleType:
 @contextlib.contextmanager
 def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
     """Install the ECG seams into open_clip_train for one run; restore them afterwards."""
-    import open_clip_train.data as oc_data
-    import open_clip_train.main as oc_main
-    import open_clip_train.train as oc_train
-
-    upstream_parse_args = oc_main.parse_args
-    upstream_create_model = oc_main.create_model_and_transforms
+    upstream_parse_args = compat.PARSE_ARGS.get()
+    upstream_create_model = compat.CREATE_MODEL_AND_TRANSFORMS.get()
     amplifier = LogitStepAmplifier(ecg_options.ecg_logit_lr_mult)
 
     def parse_args(raw_args):
@@ -524,22 +523,16 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
                                     world_size=args.world_size, dist_impl=args.loss_dist_impl)
 
     replacements = [
-        (oc_main, "parse_args", parse_args),
-        (oc_main, "create_model_and_transforms", create_model_and_transforms),
-        (oc_main, "create_loss", create_loss),
-        (oc_main, "torch", _torch_for_main(ecg_options)),
-        (oc_data, "get_dataset_fn", _ecg_dataset_fn),
-        (oc_train, "zero_shot_eval", ecg_zero_shot_eval),
+        (compat.PARSE_ARGS, parse_args),
+        (compat.CREATE_MODEL_AND_TRANSFORMS, create_model_and_transforms),
+        (compat.CREATE_LOSS, create_loss),
+        (compat.MAIN_TORCH, _torch_for_main(ecg_options)),
+        (compat.GET_DATASET_FN, _ecg_dataset_fn),
+        (compat.ZERO_SHOT_EVAL, ecg_zero_shot_eval),
     ]
-    saved = [(module, name, getattr(module, name)) for module, name, _ in replacements]
-    try:
-        for module, name, value in replacements:
-            setattr(module, name, value)
-        with amplifier:  # torch's global optimizer step hooks (--ecg-logit-lr-mult), for this run only
-            yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+    # amplifier: torch's global optimizer step hooks (--ecg-logit-lr-mult), for this run only
+    with compat.swapped(replacements), amplifier:
+        yield
 
 
 def check_inputs_before_start(open_clip_argv: List[str]) -> None:
@@ -555,24 +548,34 @@ def check_inputs_before_start(open_clip_argv: List[str]) -> None:
         raise ValueError(f"--pretrained {given.pretrained!r} is not a file (ECG models have no pretrained tags)")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run open_clip_train.main with the ECG seams; returns its exit status."""
-    import open_clip_train.main as oc_main
+HELP_POINTER = "All other flags are open_clip_train's (python -m open_clip_train.main --help)."
 
+
+def print_help() -> None:
+    """The --ecg-* options and where open_clip_train's own flags are described."""
+    ecg_argument_parser().print_help()
+    print(f"\n{HELP_POINTER}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run open_clip_train.main with the ECG seams; returns its exit status.
+
+    `argv` are open_clip_train's flags and the ``--ecg-*`` ones, in any order. User errors (bad
+    flags, missing shards, a checkpoint of another model) raise ValueError naming the problem."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":  # torchrun ... -m open_clip_ecg.train -- --logs ...
         argv = argv[1:]
     if "-h" in argv or "--help" in argv:
-        ecg_argument_parser().print_help()
-        print("\nAll other flags are open_clip_train's (python -m open_clip_train.main --help).")
+        print_help()
         return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
     check_inputs_before_start(open_clip_argv)
+    open_clip_main = compat.TRAINING_MAIN.get()
     root = logging.getLogger()
     root_level, root_handlers = root.level, list(root.handlers)
     try:
         with open_clip_seams(ecg_options, open_clip_argv):
-            status = oc_main.main(open_clip_argv)
+            status = open_clip_main(open_clip_argv)
     finally:
         # open_clip_train's setup_logging adds root handlers and sets every logger to INFO; undo it
         # so in-process callers (quickstart, scripts, tests) don't log twice and torch's compiler
@@ -587,14 +590,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0 if status in (None, 0) else 1
 
 
-def cli_main(argv: List[str]) -> int:
-    """`open-clip-ecg train ...` forwards its raw arguments here."""
-    try:
-        return main(argv)
-    except ValueError as e:
-        print(f"open-clip-ecg train: error: {e}", file=sys.stderr)
-        return 2
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`open-clip-ecg train`: the flags go, unparsed and in order, to :func:`main`.
+
+    open_clip_train owns most flags and builds its parser inside its ``parse_args``, so they cannot
+    be declared here: they arrive in ``forwarded_args`` (see :mod:`open_clip_ecg.cli`). ``--help``
+    lists the ``--ecg-*`` options and points to open_clip_train's."""
+    parser.set_defaults(forwarded_args=[])
+    parser.usage = "open-clip-ecg train [open_clip_train flags] [--ecg-* flags]"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (ecg_argument_parser().format_help()
+                     + f"\n{HELP_POINTER}")
+
+
+def run(args: argparse.Namespace) -> int:
+    return main(args.forwarded_args)
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -32,14 +32,14 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 import torch
 import webdataset as wds
-from open_clip_train.data import (  # reused as-is: epoch sync and deterministic shard shuffling
+
+from ..compat import (  # open_clip_train's, reused as-is: epoch sync and deterministic shard shuffling
     DataInfo,
     ResampledShards2,
     SharedEpoch,
     detshuffle2,
     expand_urls,
 )
-
 from ..leads import STANDARD_LEADS, lead_indices
 from .manifest import count_samples, shard_schema
 from .shard_format import ShardFormatError, decode_sample, shard_glob

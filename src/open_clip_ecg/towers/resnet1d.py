@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
+from ..compat import feature_take_indices
 from ._common import check_ecg_input, default_lead_names, ecg_pretrained_cfg
 
 __all__ = ["BasicBlock1d", "ResNet1d", "SelectAdaptivePool1d"]

@@ -24,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
+from ..compat import feature_take_indices
 from ._common import check_ecg_input, default_lead_names, ecg_pretrained_cfg
 
 __all__ = ["VisionTransformer1d", "sincos_pos_embed_1d"]

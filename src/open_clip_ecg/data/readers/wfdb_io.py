@@ -24,9 +24,9 @@ from typing import Dict, List, Tuple, Union
 import numpy as np
 import scipy.io
 import wfdb
-from wfdb.io._signal import BYTES_PER_SAMPLE  # wfdb's own table of bytes per sample and format
 from wfdb.io.header import HeaderSyntaxError
 
+from ...compat import BYTES_PER_SAMPLE  # wfdb's own table of bytes per sample and format
 from ..record import RecordError
 
 PathLike = Union[str, os.PathLike]
