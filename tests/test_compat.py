@@ -1,7 +1,6 @@
 """The adapter to upstream (open_clip_ecg.compat): every seam exists in the installed packages,
 every rejected training flag is still open_clip_train's, the version check speaks clearly, and
 swapping seams leaves upstream as it was."""
-import argparse
 import warnings
 
 import open_clip.factory
@@ -138,8 +137,11 @@ def test_upstream_values_are_importable_from_compat_and_unknown_names_are_not():
 
 
 def test_train_subcommand_protocol_passes_every_flag_through():
-    parser = argparse.ArgumentParser(prog="open-clip-ecg train")
-    ecg_train.add_arguments(parser)
-    flags = ["--model", "ECG-RN18-CLIPText", "--ecg-targets", "exact", "--lr=1e-3", "--", "-h"]
-    assert parser.parse_args(flags).train_args == flags
-    assert parser.parse_args([]).train_args == []
+    """`open-clip-ecg train` declares no flags of its own: open_clip_train's and the --ecg-* ones reach
+    train.main unparsed and in order (negative numbers and --flag=value forms included)."""
+    from open_clip_ecg.cli import command_parser, parse_command_args
+
+    parser = command_parser("train", ecg_train)
+    flags = ["--model", "ECG-RN18-CLIPText", "--ecg-targets", "exact", "--lr=1e-3", "--ecg-init-logit-bias", "-4"]
+    assert parse_command_args(parser, flags).forwarded_args == flags
+    assert parse_command_args(parser, []).forwarded_args == []

@@ -39,7 +39,9 @@ def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(tiny_training_ru
     assert (trained / "checkpoints" / "epoch_1.pt").exists()
     assert not list((trained / "checkpoints").glob("*.tmp"))
     results = _results(trained)
-    assert 0.0 <= results[-1]["zeroshot-macro-auroc"] <= 1.0  # one epoch: at chance (see test_loss_decreases...)
+    # one epoch is at chance: learning is asserted by test_loss_decreases..., the logged figure's
+    # correctness by test_training_zero_shot_equals_evaluate_on_the_same_checkpoint
+    assert np.isfinite(results[-1]["zeroshot-macro-auroc"]) and results[-1]["zeroshot-macro-auroc"] != 0.5
     assert results[-1]["zeroshot-labels-scored"] >= 1
     assert "clip_val_loss" in results[-1]  # open_clip's own val loss still runs
     assert list((trained / "tensorboard").glob("events.*"))
@@ -298,9 +300,12 @@ def test_sampled_training_text_trains_and_logs_truncation(synthetic_shards, tmp_
     assert "Text truncation:" in log and "findings sentence itself is cut in 0" in log
 
 
-def test_training_zero_shot_equals_evaluate_on_the_same_checkpoint(trained, synthetic_shards, tmp_path):
+@pytest.mark.slow
+def test_training_zero_shot_equals_evaluate_on_the_same_checkpoint(tiny_training_run, synthetic_shards, tmp_path):
     """The epoch-1 zero-shot metrics logged during training are what `open-clip-ecg evaluate` gives
-    for epoch_1.pt on the same val shards (task `labels`, default scoring rules, thresholds 0.5)."""
+    for epoch_1.pt on the same val shards (task `labels`, default scoring rules, thresholds 0.5, the
+    checkpoint's own 8 s validation crop and zscore normalisation)."""
+    trained = tiny_training_run
     logged = _results(trained)[-1]
     out = tmp_path / "evaluated"
     assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(trained / "checkpoints" / "epoch_1.pt"),
