@@ -7,11 +7,12 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
 1. Shards: PTB-XL at 100 Hz, all 71 statements as labels (``--label-level all``), text = finding
    sentence + report (``--text both``); train on folds 1-6, validation fold 7, test fold 8.
 2. **Selection** (one seed, fold 7 only): training settings (``SELECTION``: text mode, logit
-   bias/scale learning, text tower) x zero-shot scoring rules (prompt names, aggregation,
-   scoring; :mod:`open_clip_ecg.scoring`). The winner maximises the mean fold-7 macro AUROC over
-   the super, sub, rhythm and form tasks.
-3. **Targets with seeds**: ``jaccard``, ``identity`` and ``exact`` with the winning settings,
-   ``--seeds`` seeds each; every run is scored on fold 8 with per-label max-F1 thresholds from
+   bias/scale learning, text tower) x training length (the checkpoints at ``--select-epochs`` of
+   one ``--epochs`` run) x zero-shot scoring rules (prompt names, aggregation, scoring;
+   :mod:`open_clip_ecg.scoring`). The winner maximises the mean fold-7 macro AUROC over the
+   super, sub, rhythm and form tasks.
+3. **Targets with seeds**: ``jaccard``, ``identity`` and ``exact`` with the winning settings
+   (and the winning epoch's checkpoint), ``--seeds`` seeds each; every run is scored on fold 8 with per-label max-F1 thresholds from
    fold 7. Reported: mean +/- sd of macro AUROC per task, micro-F1 and sample-averaged Jaccard
    (the paper's metrics), and the paired difference jaccard - identity (seed-averaged macro
    AUROC) with a bootstrap interval over fold-8 records.
@@ -27,8 +28,10 @@ Every step is resumable: finished trainings, embeddings and scores are reused on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
+import math
 import os
 import sys
 from typing import Dict, List, Optional
@@ -111,16 +114,26 @@ class Study:
         shards = resolve_shards(self.shards, "train")
         return shards if n_shards is None else shards[:n_shards]
 
-    def train(self, name: str, setting: Dict, targets: str, seed: int, n_shards: Optional[int] = None) -> str:
+    def checkpoint(self, name: str, epoch: int) -> str:
+        return os.path.join(self.args.out, "logs", name, "checkpoints", f"epoch_{epoch}.pt")
+
+    def train(self, name: str, setting: Dict, targets: str, seed: int, n_shards: Optional[int] = None,
+              epoch: Optional[int] = None) -> str:
+        """Train `name` for ``--epochs`` (once) and return its checkpoint after `epoch` (default: the last).
+
+        Checkpoints are kept at every ``--select-epochs`` epoch, so the selection compares training
+        lengths under one learning-rate schedule, and the seeds use the winner's epoch of that schedule.
+        """
         a = self.args
-        checkpoint = os.path.join(a.out, "logs", name, "checkpoints", f"epoch_{a.epochs}.pt")
-        if os.path.exists(checkpoint):
+        checkpoint = self.checkpoint(name, epoch or a.epochs)
+        if os.path.exists(checkpoint) and os.path.exists(self.checkpoint(name, a.epochs)):
             return checkpoint
         flags = ["--model", setting["model"], "--train-data", "::".join(self.train_shards(n_shards)),
                  "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
                  "--warmup", str(a.warmup), "--wd", "0.05", "--workers", str(a.workers), "--seed", str(seed),
                  "--logs", os.path.join(a.out, "logs"), "--name", name, "--resume", "latest",
-                 "--precision", "fp32", "--log-every-n-steps", "10", "--save-frequency", str(a.epochs),
+                 "--precision", "fp32", "--log-every-n-steps", "10",
+                 "--save-frequency", str(math.gcd(a.epochs, *a.select_epochs)),
                  "--ecg-targets", targets, "--ecg-seconds", str(a.crop_seconds),
                  "--ecg-text", setting["text"], "--ecg-init-logit-bias", str(setting["bias"]),
                  "--ecg-logit-lr-mult", str(setting["logit_lr_mult"])]
@@ -167,21 +180,24 @@ class Study:
                     rows += json.load(f)
                 continue
             setting = {**BASE, **change}
-            checkpoint = self.train(f"{name}-jaccard-seed{self.args.seeds[0]}", setting, "jaccard", self.args.seeds[0])
-            model, tokenizer, embedded = self.embeddings(name, setting["model"], checkpoint)
+            run = f"{name}-jaccard-seed{self.args.seeds[0]}"
+            self.train(run, setting, "jaccard", self.args.seeds[0])
             setting_rows = []
-            for names, aggregate, scoring in self.args.rules_grid:
+            for epoch, (names, aggregate, scoring) in itertools.product(self.args.select_epochs,
+                                                                         self.args.rules_grid):
+                if not setting_rows or setting_rows[-1]["epoch"] != epoch:
+                    model, tokenizer, embedded = self.embeddings(name, setting["model"], self.checkpoint(run, epoch))
                 rules = ScoringRules(names, aggregate, scoring)
                 aurocs = {}
                 for task_name in TASKS:
                     task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
                     aurocs[task_name] = _macro_auroc(task, scores["val"])
-                setting_rows.append({"setting": name, **setting, "names": names, "aggregate": aggregate,
+                setting_rows.append({"setting": name, **setting, "epoch": epoch, "names": names, "aggregate": aggregate,
                                      "scoring": scoring, "fold7_macro_auroc": aurocs,
                                      "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None])),
                                      "logit_scale": float(model.logit_scale.exp().detach()),
                                      "logit_bias": float(model.logit_bias.detach())})
-                print(f"fold 7 {name:40s} {names:10s} {aggregate:8s} {scoring:8s} "
+                print(f"fold 7 {name:30s} epoch {epoch:3d} {names:10s} {aggregate:8s} {scoring:8s} "
                       f"mean {setting_rows[-1]['fold7_mean']:.3f}", flush=True)
             write_json_atomic(path, setting_rows, indent=2)
             rows += setting_rows
@@ -195,9 +211,17 @@ class Study:
         for targets, seed in itertools.product(self.args.targets, self.args.seeds):
             name = f"{prefix}-{targets}-seed{seed}"
             path = os.path.join(self.cache, f"{name}.npz")
-            checkpoint = self.train(name, setting, targets, seed)
+            checkpoint = self.train(name, setting, targets, seed, epoch=best.get("epoch"))
+            scored = os.path.join(self.cache, f"{name}.json")
+            if os.path.exists(scored) and os.path.exists(path):  # scored before, with these rules?
+                with open(scored, encoding="utf-8") as f:
+                    run = json.load(f)
+                if run["checkpoint"] == checkpoint and run["rules"] == dataclasses.asdict(rules):
+                    runs[name] = run
+                    continue
             model, tokenizer, embedded = self.embeddings(name, setting["model"], checkpoint)
-            runs[name] = {"targets": targets, "seed": seed, "checkpoint": checkpoint, "tasks": {}}
+            runs[name] = {"targets": targets, "seed": seed, "checkpoint": checkpoint, "rules": dataclasses.asdict(rules),
+                          "tasks": {}}
             arrays = {}
             for task_name in TASKS:
                 task, scores, scorer = self.evaluate(model, tokenizer, embedded, task_name, rules)
@@ -208,6 +232,7 @@ class Study:
             _write_npz(path, arrays)
             runs[name]["logit_scale"] = float(model.logit_scale.exp().detach())
             runs[name]["logit_bias"] = float(model.logit_bias.detach())
+            write_json_atomic(scored, runs[name], indent=2)
         return runs
 
     def supervised(self) -> Dict:
@@ -258,7 +283,7 @@ class Study:
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
             name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
             model, tokenizer, embedded = self.embeddings(name, setting["model"], self.train(
-                name, setting, "jaccard", a.seeds[0], None if n_shards == n_all else n_shards))
+                name, setting, "jaccard", a.seeds[0], None if n_shards == n_all else n_shards, best.get("epoch")))
             row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
             for task_name in TASKS:
                 task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
@@ -341,16 +366,20 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
     lines = ["# PTB-XL zero-shot study (ptbxl_zeroshot_study.py)", "",
              f"Train folds 1-6, everything chosen on fold 7, reported on fold 8 once; {args.epochs} epochs, "
              f"batch {args.batch_size}, lr {args.lr}, {args.crop_seconds:g} s crops, 100 Hz.", "",
-             "## Selection on fold 7 (seed %d, jaccard targets): best scoring rule per setting" % args.seeds[0], "",
+             "## Selection on fold 7 (seed %d, jaccard targets): best scoring rule per setting and epoch" % args.seeds[0], "",
              "| setting | names | aggregate | scoring | " + " | ".join(TASKS) + " | mean |",
              "|---|---|---|---|" + "---|" * (len(TASKS) + 1)]
-    for setting in dict.fromkeys(r["setting"] for r in selection["rows"]):
-        r = max((r for r in selection["rows"] if r["setting"] == setting), key=lambda r: r["fold7_mean"])
+    def length(row):
+        return row["setting"], row.get("epoch", args.epochs)
+
+    for key in dict.fromkeys(map(length, selection["rows"])):
+        r = max((r for r in selection["rows"] if length(r) == key), key=lambda r: r["fold7_mean"])
         cells = " | ".join(f"{r['fold7_macro_auroc'][t]:.3f}" if r["fold7_macro_auroc"][t] is not None else "n/a"
                            for t in TASKS)
-        lines.append(f"| {setting} | {r['names']} | {r['aggregate']} | {r['scoring']} | {cells} | {r['fold7_mean']:.3f} |")
-    lines += ["", f"Winner: **{best['setting']}** with names `{best['names']}`, aggregate `{best['aggregate']}`, "
-                  f"scoring `{best['scoring']}`.", "",
+        lines.append(f"| {key[0]} (epoch {key[1]}) | {r['names']} | {r['aggregate']} | {r['scoring']} | {cells} "
+                     f"| {r['fold7_mean']:.3f} |")
+    lines += ["", f"Winner: **{best['setting']}** after epoch {best.get('epoch', args.epochs)} with names "
+                  f"`{best['names']}`, aggregate `{best['aggregate']}`, scoring `{best['scoring']}`.", "",
               f"## Fold 8: targets x {len(args.seeds)} seeds (mean ± sd), thresholds from fold 7", "",
               "| targets | " + " | ".join(f"{t} AUROC" for t in TASKS) + " | AF AUROC | super micro-F1 | "
               "super Jaccard | sub micro-F1 | sub Jaccard |", "|---|" + "---|" * (len(TASKS) + 5)]
@@ -392,6 +421,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
     parser.add_argument("--out", default="ptbxl_study")
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--select-epochs", type=int, nargs="+",
+                        help="training lengths compared on fold 7: the checkpoints after these epochs of each "
+                             "--epochs run (default: --epochs only)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -418,6 +450,11 @@ def main(argv=None) -> int:
         args.epochs, args.seeds, args.targets, args.bootstrap = 1, [0], ["jaccard", "identity"], 20
         args.supervised_epochs, args.curve_shards = 1, [1]
         args.settings, args.batch_size, args.crop_seconds, args.shard_size = ["stored-text", "sampled-text"], 32, 2.5, 64
+    args.select_epochs = sorted(set(args.select_epochs or [args.epochs]))
+    if args.quick:
+        args.select_epochs = [args.epochs]
+    if not 1 <= args.select_epochs[0] <= args.select_epochs[-1] <= args.epochs:
+        parser.error(f"--select-epochs must lie between 1 and --epochs ({args.epochs}): {args.select_epochs}")
     args.selection = {name: SELECTION[name] for name in args.settings}
     args.rules_grid = (list(itertools.product(PROMPT_NAMES, AGGREGATIONS, SCORINGS)) if not args.quick
                        else [("name", "prompt", "sigmoid"), ("name", "noisy-or", "contrast")])
