@@ -256,6 +256,27 @@ def test_resume_skips_verified_shards_and_redoes_damaged_ones(synth_csv, referen
     assert dir_bytes(tmp_path) == dir_bytes(out)
 
 
+def test_rerunning_a_finished_job_touches_nothing(synth_csv, reference, tmp_path, monkeypatch):
+    """A training may be reading the folder: a re-run of the same job must not delete or rewrite it."""
+    out, manifest = reference
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    encoded = Counter()
+    call = shard_writer.SampleEncoder.__call__
+    monkeypatch.setattr(shard_writer.SampleEncoder, "__call__", lambda self, item: encoded.update([1]) or call(self, item))
+    assert write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS)) == manifest
+    assert encoded[1] == 0 and {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    # a damaged shard, or a manifest without this job's fingerprint, means the job is redone
+    with open(tmp_path / "val-000000.tar", "r+b") as f:
+        f.truncate(1000)
+    write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
+    assert encoded[1] == 30 and dir_bytes(tmp_path) == dir_bytes(out)
+    stale = dict(manifest, fingerprint="another job")
+    (tmp_path / "manifest.json").write_text(json.dumps(stale))
+    write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
+    assert encoded[1] == 60 and dir_bytes(tmp_path) == dir_bytes(out)
+
+
 def test_stale_shards_of_another_job_are_removed(synth_csv, reference, tmp_path):
     out, manifest = reference
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
@@ -357,6 +378,13 @@ def test_cli_synth_then_shards_as_a_user_would(tmp_path):
         assert all(os.path.exists(p) for p in braceexpand(pattern))
     text = next(iter(tar_samples(tmp_path / "shards" / "train-000000.tar").values()))["txt"].decode()
     assert text.startswith("ECG with ") and text.endswith(".")
+    # the same command again: the folder is complete, nothing is rewritten, the summary is the same
+    again = run_cli("shards", "--format", "csv", "--input", tmp_path / "data" / "records.csv", "--output",
+                    tmp_path / "shards", "--shard-size", 4, "--text", "labels",
+                    "--split-by", "random", "--val-fraction", 0.2, "--test-fraction", 0.2)
+    assert again.returncode == 0 and "already complete for this job" in again.stderr, again.stderr
+    assert again.stdout == result.stdout
+    assert json.loads((tmp_path / "shards" / "manifest.json").read_text()) == manifest
 
     result = run_cli("shards", "--format", "csv", "--input", tmp_path / "data" / "records.csv", "--output",
                      tmp_path / "x", "--label-level", "superclass")

@@ -3,7 +3,7 @@ and ``vocabulary.json`` (:mod:`.vocabulary`). Built here for the writer, read he
 
 ``manifest.json`` (written last: its presence means the shard set is complete) records the format
 version (:data:`.shard_format.MANIFEST_VERSION`), the source, the options that determine the
-output, counts per split, every skipped record with its reason, a sha256 per shard, the brace
+output, the job's fingerprint, counts per split, every skipped record with its reason, a sha256 per shard, the brace
 pattern of each split and the vocabulary. Readers take the sampling rate and record length from
 it and refuse a folder whose manifest declares another format version.
 """
@@ -44,10 +44,11 @@ def write_folder_json(path: Path, value) -> None:
 
 def build_manifest(source: dict, options: dict, listed: int, shards: Mapping[str, List[dict]],
                    trailing_skips: Mapping[str, List[dict]], ids: Mapping[str, int],
-                   label_names: Mapping[str, str]) -> dict:
+                   label_names: Mapping[str, str], fingerprint: str) -> dict:
     """The manifest of a finished job. ``shards`` lists per split the completed shards (name, split,
     samples, sha256, skipped records with their index, label counts); ``trailing_skips`` the records
-    skipped after each split's last shard."""
+    skipped after each split's last shard; ``fingerprint`` identifies the job (a re-run of the same
+    job returns this manifest instead of writing again)."""
     written = [shard for split in SPLITS for shard in shards[split]]
     skipped = [skip for shard in written for skip in shard["skipped"]]
     skipped += [skip for split in SPLITS for skip in trailing_skips[split]]
@@ -61,6 +62,7 @@ def build_manifest(source: dict, options: dict, listed: int, shards: Mapping[str
         "version": MANIFEST_VERSION,
         "source": source,
         "options": options,
+        "fingerprint": fingerprint,
         "counts": counts,
         "records": {"listed": listed, "written": sum(counts.values()), "skipped": len(skipped)},
         "skip_counts": dict(sorted(Counter(skip["reason"] for skip in skipped).items())),

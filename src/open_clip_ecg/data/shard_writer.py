@@ -19,6 +19,9 @@ with the same job keeps every recorded shard whose file still has its checksum a
 after the last one; anything else is rewritten. Resuming trusts that signal files did not change
 in between (delete the output folder to start over). Shard files of the ``{split}-NNNNNN.tar``
 form that the finished job did not produce are deleted, so globs never pick up stale shards.
+A re-run of a job that already finished (``manifest.json`` holds its fingerprint and every
+shard still has its checksum) returns that manifest and touches nothing, so a training reading
+the folder meanwhile is safe.
 
 Bad records (see ``record.SKIP_REASONS``) are skipped, listed in the manifest and summarised by
 the ``shards`` command; with ``strict`` the first one raises :class:`RecordError` naming its path
@@ -285,6 +288,23 @@ def _resumable_shards(output_dir: Path, fingerprint: str) -> Dict[str, List[dict
     return kept
 
 
+def _finished_job(output_dir: Path, fingerprint: str) -> Optional[dict]:
+    """The manifest of a finished run of the same job whose folder is intact, else None."""
+    try:
+        manifest = json.loads((output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
+        return None
+    if not all((output_dir / name).is_file() for name in (SIZES_FILE, VOCABULARY_FILE)):
+        return None
+    for shard in manifest.get("shards", []):
+        file = output_dir / shard["name"]
+        if not file.is_file() or _sha256(file) != shard["sha256"]:
+            return None
+    return manifest
+
+
 def write_shards(reader: Reader, output_dir, options: Optional[ShardOptions] = None,
                  source: Optional[dict] = None) -> dict:
     """Write the shards, vocabulary, sizes and manifest of ``reader``'s records; returns the manifest.
@@ -313,6 +333,12 @@ def write_shards(reader: Reader, output_dir, options: Optional[ShardOptions] = N
     ids = label_ids(code for e in entries for code in e.labels)
     label_names = reader.label_names()
     fingerprint = _fingerprint(source, output_options, entries, splits)
+    finished = _finished_job(output_dir, fingerprint)
+    if finished is not None:
+        if options.progress:
+            print(f"{output_dir}: already complete for this job (fingerprint and shard checksums match); "
+                  "nothing rewritten", file=sys.stderr)
+        return finished
 
     for stale in [MANIFEST_FILE, SIZES_FILE, VOCABULARY_FILE] + [p.name for p in output_dir.glob("*.tar.tmp")]:
         (output_dir / stale).unlink(missing_ok=True)
@@ -343,7 +369,7 @@ def write_shards(reader: Reader, output_dir, options: Optional[ShardOptions] = N
             path.unlink()
 
     manifest = build_manifest(source, output_options, len(entries), progress["shards"], trailing_skips, ids,
-                              label_names)
+                              label_names, fingerprint)
     write_folder_json(output_dir / VOCABULARY_FILE, manifest["vocabulary"])
     write_folder_json(output_dir / SIZES_FILE, {s["name"]: s["samples"] for s in manifest["shards"]})
     write_folder_json(output_dir / MANIFEST_FILE, manifest)  # last: its presence marks a complete folder

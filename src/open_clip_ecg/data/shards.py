@@ -16,6 +16,7 @@ from .manifest import MANIFEST_FILE
 from .preprocess import MISSING_LEAD_POLICIES, SAMPLING_RATE_RANGE
 from .readers import READERS, get_reader
 from .record import RecordError
+from .shard_format import SPLITS
 from .shard_writer import ShardOptions, write_shards
 from .splits import SPLIT_METHODS
 from .text import TEXT_MODES
@@ -150,7 +151,7 @@ def run(args) -> int:
     if manifest["records"]["written"] == 0:
         print(f"error: {empty_run_message(manifest, args.format)}", file=sys.stderr)
         return 1
-    counts = ", ".join(f"{split} {n}" for split, n in manifest["counts"].items())
+    counts = ", ".join(f"{split} {manifest['counts'][split]}" for split in SPLITS)
     print(f"wrote {manifest['records']['written']} samples ({counts}) in {len(manifest['shards'])} shard(s) "
           f"to {args.output}")
     print(training_flags(manifest, args.output))
