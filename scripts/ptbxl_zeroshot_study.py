@@ -9,8 +9,9 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
 2. **Selection** (one seed, fold 7 only): training settings (``SELECTION``: text mode, logit
    bias/scale learning, text tower) x training length (the checkpoints at ``--select-epochs`` of
    one ``--epochs`` run) x zero-shot scoring rules (prompt names, aggregation, scoring;
-   :mod:`open_clip_ecg.scoring`). The winner maximises the mean fold-7 macro AUROC over the
-   super, sub, rhythm and form tasks.
+   :mod:`open_clip_ecg.scoring`). The winning setting maximises the mean fold-7 macro AUROC over
+   the super, sub, rhythm and form tasks; each task then takes its own best epoch and scoring rule
+   on fold 7 (``--choose per-task``; the supervised baseline, too, is one model per task).
 3. **Targets with seeds**: ``jaccard``, ``identity`` and ``exact`` with the winning settings
    (and the winning epoch's checkpoint), ``--seeds`` seeds each; every run is scored on fold 8 with per-label max-F1 thresholds from
    fold 7. Reported: mean +/- sd of macro AUROC per task, micro-F1 and sample-averaged Jaccard
@@ -28,7 +29,6 @@ Every step is resumable: finished trainings, embeddings and scores are reused on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import math
@@ -171,7 +171,12 @@ class Study:
 
     # ---------------------------------------------------------------- the stages
     def select(self) -> Dict:
-        """Every selection setting x scoring rule on fold 7; the best by mean macro AUROC over TASKS."""
+        """Every setting x training length x scoring rule on fold 7.
+
+        The setting is the one with the best mean macro AUROC over TASKS. Then, with ``--choose
+        per-task`` (the default), each task takes the epoch and scoring rule best for it on fold 7,
+        as the supervised baseline has its own model and epoch per task; with ``overall`` every task
+        takes the setting's best row."""
         rows = []
         for name, change in self.args.selection.items():
             path = os.path.join(self.cache, f"selection-{name}.json")
@@ -201,37 +206,52 @@ class Study:
                       f"mean {setting_rows[-1]['fold7_mean']:.3f}", flush=True)
             write_json_atomic(path, setting_rows, indent=2)
             rows += setting_rows
-        return {"rows": rows, "best": max(rows, key=lambda r: r["fold7_mean"])}
+        best = max(rows, key=lambda r: r["fold7_mean"])
+        own = [r for r in rows if r["setting"] == best["setting"]]
+        chosen = {task_name: best if self.args.choose == "overall" else
+                  max(own, key=lambda r: r["fold7_macro_auroc"][task_name] or 0.0) for task_name in TASKS}
+        choices = {task_name: {"epoch": r.get("epoch", self.args.epochs), "names": r["names"],
+                               "aggregate": r["aggregate"], "scoring": r["scoring"],
+                               "fold7_macro_auroc": r["fold7_macro_auroc"][task_name]}
+                   for task_name, r in chosen.items()}
+        return {"rows": rows, "best": best, "choices": choices}
 
-    def seeds(self, best: Dict) -> Dict:
+    def task_scores(self, name: str, setting: Dict, targets: str, seed: int, choices: Dict, splits,
+                    n_shards: Optional[int] = None):
+        """(task, {split: LabelledScores}, scorer) per task of one run, each task scored with its own
+        chosen epoch and rules (each checkpoint is embedded once)."""
+        loaded = {}
+        for task_name in TASKS:
+            choice = choices[task_name]
+            if choice["epoch"] not in loaded:
+                checkpoint = self.train(name, setting, targets, seed, n_shards, choice["epoch"])
+                loaded[choice["epoch"]] = self.embeddings(name, setting["model"], checkpoint)
+            model, tokenizer, embedded = loaded[choice["epoch"]]
+            rules = ScoringRules(choice["names"], choice["aggregate"], choice["scoring"])
+            yield self.evaluate(model, tokenizer, embedded, task_name, rules, splits)
+
+    def seeds(self, best: Dict, choices: Dict) -> Dict:
+        """Every target x seed with the winner's setting and per-task choices, scored on fold 8 once
+        (scores are cached with the choices they were made under)."""
         setting = {k: best[k] for k in BASE}
-        prefix = best["setting"]
-        rules = ScoringRules(best["names"], best["aggregate"], best["scoring"])
         runs = {}
         for targets, seed in itertools.product(self.args.targets, self.args.seeds):
-            name = f"{prefix}-{targets}-seed{seed}"
-            path = os.path.join(self.cache, f"{name}.npz")
-            checkpoint = self.train(name, setting, targets, seed, epoch=best.get("epoch"))
-            scored = os.path.join(self.cache, f"{name}.json")
-            if os.path.exists(scored) and os.path.exists(path):  # scored before, with these rules?
+            name = f"{best['setting']}-{targets}-seed{seed}"
+            scored, path = (os.path.join(self.cache, f"{name}{ext}") for ext in (".json", ".npz"))
+            if os.path.exists(scored) and os.path.exists(path):
                 with open(scored, encoding="utf-8") as f:
                     run = json.load(f)
-                if run["checkpoint"] == checkpoint and run["rules"] == dataclasses.asdict(rules):
+                if run.get("choices") == choices:
                     runs[name] = run
                     continue
-            model, tokenizer, embedded = self.embeddings(name, setting["model"], checkpoint)
-            runs[name] = {"targets": targets, "seed": seed, "checkpoint": checkpoint, "rules": dataclasses.asdict(rules),
-                          "tasks": {}}
+            runs[name] = {"targets": targets, "seed": seed, "choices": choices, "tasks": {}}
             arrays = {}
-            for task_name in TASKS:
-                task, scores, scorer = self.evaluate(model, tokenizer, embedded, task_name, rules)
+            for task, scores, scorer in self.task_scores(name, setting, targets, seed, choices, ("val", "test")):
                 metrics = self.report(task, scores, "zero-shot", {"zeroshot": scorer.describe()})
-                runs[name]["tasks"][task_name] = _summary(metrics)
-                arrays[f"{task_name}/y_true"] = scores["test"].y_true
-                arrays[f"{task_name}/y_score"] = scores["test"].y_score
+                runs[name]["tasks"][task.name] = _summary(metrics)
+                arrays[f"{task.name}/y_true"] = scores["test"].y_true
+                arrays[f"{task.name}/y_score"] = scores["test"].y_score
             _write_npz(path, arrays)
-            runs[name]["logit_scale"] = float(model.logit_scale.exp().detach())
-            runs[name]["logit_bias"] = float(model.logit_bias.detach())
             write_json_atomic(scored, runs[name], indent=2)
         return runs
 
@@ -258,7 +278,7 @@ class Study:
         return out
 
 
-    def learning_curve(self, best: Dict) -> List[Dict]:
+    def learning_curve(self, best: Dict, choices: Dict) -> List[Dict]:
         """Fold-7 macro AUROC against training-set size: zero-shot (the winner, jaccard, first seed)
         and supervised BCE (last epoch, nothing chosen on fold 7), on the first k training shards.
 
@@ -266,7 +286,6 @@ class Study:
         """
         a = self.args
         setting = {k: best[k] for k in BASE}
-        rules = ScoringRules(best["names"], best["aggregate"], best["scoring"])
         n_all = len(self.train_shards())
         rows = []
         for n_shards in sorted(set(a.curve_shards) | {n_all}):
@@ -282,12 +301,10 @@ class Study:
             n_records = sum(sizes[os.path.basename(shard)] for shard in shards)
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
             name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
-            model, tokenizer, embedded = self.embeddings(name, setting["model"], self.train(
-                name, setting, "jaccard", a.seeds[0], None if n_shards == n_all else n_shards, best.get("epoch")))
             row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
-            for task_name in TASKS:
-                task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                row["zero-shot"][task_name] = _macro_auroc(task, scores["val"])
+            for task, scores, _ in self.task_scores(name, setting, "jaccard", a.seeds[0], choices, ("val",),
+                                                    None if n_shards == n_all else n_shards):
+                row["zero-shot"][task.name] = _macro_auroc(task, scores["val"])
             for task_name in ("ptbxl-super", "ptbxl-rhythm"):
                 checkpoint = os.path.join(a.out, "supervised", f"curve-{task_name}-{n_shards}shards.pt")
                 if os.path.exists(checkpoint):
@@ -378,8 +395,12 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
                            for t in TASKS)
         lines.append(f"| {key[0]} (epoch {key[1]}) | {r['names']} | {r['aggregate']} | {r['scoring']} | {cells} "
                      f"| {r['fold7_mean']:.3f} |")
-    lines += ["", f"Winner: **{best['setting']}** after epoch {best.get('epoch', args.epochs)} with names "
-                  f"`{best['names']}`, aggregate `{best['aggregate']}`, scoring `{best['scoring']}`.", "",
+    lines += ["", f"Winner: **{best['setting']}**; per task (`--choose {args.choose}`), chosen on fold 7:", "",
+              "| task | epoch | names | aggregate | scoring | fold-7 macro AUROC |", "|---|---|---|---|---|---|"]
+    for task_name, c in selection["choices"].items():
+        auroc = "n/a" if c["fold7_macro_auroc"] is None else f"{c['fold7_macro_auroc']:.3f}"
+        lines.append(f"| {task_name} | {c['epoch']} | {c['names']} | {c['aggregate']} | {c['scoring']} | {auroc} |")
+    lines += ["",
               f"## Fold 8: targets x {len(args.seeds)} seeds (mean ± sd), thresholds from fold 7", "",
               "| targets | " + " | ".join(f"{t} AUROC" for t in TASKS) + " | AF AUROC | super micro-F1 | "
               "super Jaccard | sub micro-F1 | sub Jaccard |", "|---|" + "---|" * (len(TASKS) + 5)]
@@ -424,6 +445,9 @@ def main(argv=None) -> int:
     parser.add_argument("--select-epochs", type=int, nargs="+",
                         help="training lengths compared on fold 7: the checkpoints after these epochs of each "
                              "--epochs run (default: --epochs only)")
+    parser.add_argument("--choose", choices=("per-task", "overall"), default="per-task",
+                        help="per-task: each task takes its best epoch and scoring rule on fold 7 (the supervised "
+                             "baseline also has a model per task); overall: the best row by the mean over tasks")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=20)
@@ -444,15 +468,14 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 epoch, 1 seed, jaccard and identity, two settings, 20 resamples")
+                        help="smoke run: 2 epochs (both compared), 1 seed, jaccard and identity, two settings, "
+                             "20 resamples")
     args = parser.parse_args(argv)
     if args.quick:
-        args.epochs, args.seeds, args.targets, args.bootstrap = 1, [0], ["jaccard", "identity"], 20
+        args.epochs, args.select_epochs, args.seeds, args.targets, args.bootstrap = 2, [1, 2], [0], ["jaccard", "identity"], 20
         args.supervised_epochs, args.curve_shards = 1, [1]
         args.settings, args.batch_size, args.crop_seconds, args.shard_size = ["stored-text", "sampled-text"], 32, 2.5, 64
     args.select_epochs = sorted(set(args.select_epochs or [args.epochs]))
-    if args.quick:
-        args.select_epochs = [args.epochs]
     if not 1 <= args.select_epochs[0] <= args.select_epochs[-1] <= args.epochs:
         parser.error(f"--select-epochs must lie between 1 and --epochs ({args.epochs}): {args.select_epochs}")
     args.selection = {name: SELECTION[name] for name in args.settings}
@@ -464,15 +487,16 @@ def main(argv=None) -> int:
     selection = study.select()
     if args.stages == ["select"]:
         return 0
-    curve = study.learning_curve(selection["best"]) if {"curve", "report"} & set(args.stages) else []
-    runs = study.seeds(selection["best"]) if {"seeds", "report"} & set(args.stages) else {}
+    best, choices = selection["best"], selection["choices"]
+    curve = study.learning_curve(best, choices) if {"curve", "report"} & set(args.stages) else []
+    runs = study.seeds(best, choices) if {"seeds", "report"} & set(args.stages) else {}
     supervised = study.supervised() if {"supervised", "report"} & set(args.stages) else {}
     if "report" not in args.stages:
         return 0
     differences = {}
     if {"jaccard", "identity"} <= set(args.targets):
         differences = {t: paired_difference(args.out, runs, "jaccard", "identity", t, args.bootstrap) for t in TASKS}
-    result = {"selection_best": selection["best"], "runs": runs, "supervised": supervised, "learning_curve": curve,
+    result = {"selection_best": best, "choices": choices, "runs": runs, "supervised": supervised, "learning_curve": curve,
               "jaccard_minus_identity": differences, "options": {k: v for k, v in vars(args).items()}}
     write_json_atomic(os.path.join(args.out, "study.json"), result, indent=2)
     table = write_tables(args.out, selection, runs, supervised, differences, args, curve)

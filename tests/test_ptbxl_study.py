@@ -19,6 +19,12 @@ def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     best = result["selection_best"]
     assert best["setting"] in ("stored-text", "sampled-text")
     assert all(0 <= v <= 1 for v in best["fold7_macro_auroc"].values() if v is not None)
+    # both training lengths were compared on fold 7, and every task took its own best epoch and rule
+    own = [row for row in json.loads((out / "scores" / f"selection-{best['setting']}.json").read_text())]
+    assert {row["epoch"] for row in own} == {1, 2}
+    for task, choice in result["choices"].items():
+        assert (choice["fold7_macro_auroc"] or 0) == max(row["fold7_macro_auroc"][task] or 0 for row in own), task
+    assert (out / "logs" / f"{best['setting']}-jaccard-seed0" / "checkpoints" / "epoch_1.pt").exists()
     assert {run["targets"] for run in result["runs"].values()} == {"jaccard", "identity"}
     for run in result["runs"].values():
         assert set(run["tasks"]) == {"ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"}
