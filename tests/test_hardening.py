@@ -16,9 +16,9 @@ import pytest
 
 from conftest import tiny_run_args
 from open_clip_ecg.data import preprocess
-from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.manifest import count_samples, read_shard_info
 from open_clip_ecg.data.pipeline import expand_shards, iterate_samples
-from open_clip_ecg.data.shard_format import ShardFormatError
+from open_clip_ecg.data.shard_format import MAX_JSON_BYTES, ShardFormatError
 from open_clip_ecg.data.readers.csv import CSVReader
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
@@ -319,6 +319,21 @@ def test_a_manifest_that_is_not_an_object_is_named(synthetic_shards, tmp_path):
     (tmp_path / "shards" / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="manifest.json lacks numeric options.sampling_rate"):
         read_shard_info(expand_shards(str(tmp_path / "shards"), split="val"))
+
+
+def test_a_manifest_listing_thousands_of_skipped_records_is_read(synthetic_shards, tmp_path):
+    """A large job's manifest passes the 1 MiB bound of sample members: readers still accept it."""
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["skipped"] = [{"record_id": f"mimic/files/p1000/s{i:08d}", "path": f"/data/mimic-iv-ecg/files/p1000/"
+                            f"s{i:08d}/{i:08d}.hea", "reason": "flat", "detail": "lead V3 is constant",
+                            "split": "train"} for i in range(6000)]
+    path.write_text(json.dumps(manifest, indent=1))
+    assert path.stat().st_size > MAX_JSON_BYTES
+    shards = expand_shards(str(tmp_path / "shards"), split="val")
+    assert read_shard_info(shards)["n_samples"] == 1000
+    assert len(list(iterate_samples(shards))) == count_samples(shards)
 
 
 # ---------------------------------------------------------------------------------------------
