@@ -484,7 +484,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
                 f"{args.model}+{os.path.basename(os.path.normpath(text_source))}",
                 ecg_options.ecg_text_model, base_model=args.model, text_cache=ecg_options.ecg_text_cache)
         check_open_clip_args(args)
-        if "--precision" not in argv and not torch.cuda.is_available():
+        if given_flags(argv, "--precision").precision is None and not torch.cuda.is_available():
             args.precision = "fp32"  # open_clip's default 'amp' is float16 autocast: slow on CPUs
         args.siglip = True  # the logit bias exists only with --siglip
         tower_leads = _tower_lead_set(args.model)
@@ -535,12 +535,18 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         yield
 
 
+def given_flags(argv: List[str], *flags: str) -> argparse.Namespace:
+    """The values of open_clip_train's `flags` in `argv` (None when absent), in every form its parser
+    accepts (``--flag value``, ``--flag=value``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in flags:
+        parser.add_argument(flag, default=None)
+    return parser.parse_known_args(argv)[0]
+
+
 def check_inputs_before_start(open_clip_argv: List[str]) -> None:
     """Fail on missing shards or checkpoint files before open_clip_train starts (and logs ~250 lines)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("--train-data", "--val-data", "--pretrained"):
-        parser.add_argument(flag, default=None)
-    given, _ = parser.parse_known_args(open_clip_argv)
+    given = given_flags(open_clip_argv, "--train-data", "--val-data", "--pretrained")
     for spec in (given.train_data, given.val_data):
         if spec:
             read_shard_info(expand_shards(spec))
