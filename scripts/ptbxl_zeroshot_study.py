@@ -251,7 +251,7 @@ class Study:
                     checkpoint_path=checkpoint)
             if validation is None:  # thresholds always come from fold 7
                 validation = score_supervised(model, get_task(task_name), resolve_shards(self.shards, "val"),
-                                              f"{self.shards} (val)", about["n_samples"], self.args.batch_size, 0)
+                                              f"{self.shards} (val)", about, self.args.batch_size, 0)
             result = evaluate_supervised(model, about, self.shards, split="test", validation=validation,
                                          n_bootstrap=self.args.bootstrap)
             out[task_name] = _summary(result.metrics)
@@ -299,7 +299,7 @@ class Study:
                         seconds=a.crop_seconds, workers=a.workers, seed=a.seeds[0], checkpoint_path=checkpoint)
                 task = get_task(task_name)
                 val = score_supervised(supervised, task, resolve_shards(self.shards, "val"),
-                                       f"{self.shards} (val)", about["n_samples"], a.batch_size, 0)
+                                       f"{self.shards} (val)", about, a.batch_size, 0)
                 row["supervised"][task_name] = _macro_auroc(task, val)
             print(f"curve {n_shards} shards ({n_records} records): {row}", flush=True)
             write_json_atomic(path, row, indent=2)
