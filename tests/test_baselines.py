@@ -138,3 +138,24 @@ def test_supervised_models_refuse_shards_at_another_rate(synthetic_shards, tmp_p
     with pytest.raises(ValueError, match=message):
         train_supervised("labels", str(synthetic_shards), train_split="train", val_data=str(other), val_split="val",
                          epochs=1, seconds=2.5)
+
+
+@pytest.mark.parametrize("overlap, message", [
+    ("train", "--train-data {spec} and --data {spec} share {n} record(s) (e.g. {key}): the probes must be fitted "
+              "on other records"),
+    ("val", "--val-data {spec} and --data {spec} share {n} record(s) (e.g. {key}): thresholds must come from other "
+            "records"),
+])
+def test_probe_refuses_training_or_validation_records_that_are_evaluated(synthetic_shards, overlap, message):
+    """Each overlap is blamed on the flag that brought it: a probe fitted (or thresholds chosen) on the
+    evaluated records would leak into the figures."""
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.probe import run_probe
+
+    keys = sorted(sample["key"] for sample in iterate_samples(expand_shards(str(synthetic_shards), split="test")))
+    splits = {"train_split": "train", "val_split": "val", f"{overlap}_split": "test"}
+    with pytest.raises(ValueError) as err:
+        run_probe(open_clip.create_model("ECG-RN18-CLIPText"), "labels", str(synthetic_shards), str(synthetic_shards),
+                  split="test", val_data=str(synthetic_shards), seconds=2.5, **splits)
+    spec = repr(f"{synthetic_shards} (split test)")
+    assert str(err.value) == message.format(spec=spec, n=len(keys), key=keys[0])

@@ -136,9 +136,9 @@ def run_probe(model, task, train_data, data, *, train_split=None, split=None, va
     for name, (spec, spec_split) in specs.items():
         embedded = embed_shards(model, shards[name], seconds=seconds, batch_size=batch_size, workers=workers)
         rows[name] = _ProbeRows.from_embedded(task, embedded, describe_shards(spec, spec_split))
-    for other in ("train", "val"):
-        if other in rows:
-            check_disjoint(rows["eval"], rows[other])
+    check_disjoint(rows["eval"], rows["train"], "--train-data", "the probes must be fitted on other records")
+    if "val" in rows:
+        check_disjoint(rows["eval"], rows["val"])
     train = rows["train"]
     results = {}
     for fraction in fractions:
