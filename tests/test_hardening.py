@@ -206,6 +206,30 @@ def test_a_kill_between_write_and_rename_leaves_nothing_after_the_rerun(synth_cs
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in reference.iterdir())
 
 
+def test_atomic_writes_fsync_the_written_file_before_the_rename(tmp_path, monkeypatch):
+    """Checkpoints, manifests and progress files go through write_atomic: their data reach the disk
+    before the name points at them."""
+    from open_clip_ecg.atomic import write_atomic
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        calls.append(("replace", os.stat(src).st_ino, dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    write_atomic(tmp_path / "epoch_1.pt", lambda tmp: Path(tmp).write_bytes(b"checkpoint"))
+    inode = (tmp_path / "epoch_1.pt").stat().st_ino
+    assert calls == [("fsync", inode, len(b"checkpoint")), ("replace", inode, str(tmp_path / "epoch_1.pt"))]
+    assert (tmp_path / "epoch_1.pt").read_bytes() == b"checkpoint"
+
+
 def test_temporaries_of_live_processes_are_left_alone(tmp_path):
     from open_clip_ecg.atomic import remove_stale_temps
 
