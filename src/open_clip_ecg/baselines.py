@@ -119,8 +119,9 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
     torch.manual_seed(seed)
     train_shards = resolve_shards(train_data, train_split)
     task = resolve_task(task, train_shards)
-    n_samples, rate = crop_length(train_shards, seconds)
-    crop = {"n_samples": n_samples, "sampling_rate": rate}
+    info = read_shard_info(train_shards)
+    n_samples = crop_length(info, seconds)
+    crop = {"n_samples": n_samples, "sampling_rate": info["sampling_rate"]}
     model = create_supervised_model(arch, len(task.labels)).to(device)
     preparer = ECGSamplePreparer(n_samples, len(task.labels), train=True, leads=model_leads(model))
     data = make_epoch_loader(train_shards, TaskTargets(task, preparer), _collate_examples, batch_size=batch_size,

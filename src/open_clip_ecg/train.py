@@ -63,6 +63,7 @@ from .data.pipeline import (
     unpack_text_and_labels,
 )
 from .data.manifest import read_shard_info
+from .embed import crop_length
 from .factory import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
@@ -265,11 +266,8 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
     """open_clip_train dataset factory for ECG shards (replaces images with ECG crops)."""
     ecg = args.ecg
     info = _shard_info_for(args, is_train)
-    seconds = ecg.ecg_seconds if is_train else ecg.ecg_eval_seconds
-    n_samples = info["n_samples"] if seconds is None else int(round(seconds * info["sampling_rate"]))
-    if n_samples > info["n_samples"]:
-        raise ValueError(f"--ecg-{'' if is_train else 'eval-'}seconds {seconds} is longer than the "
-                         f"{info['n_samples'] / info['sampling_rate']:g} s stored in {info['directory']}")
+    n_samples = (crop_length(info, ecg.ecg_seconds, "--ecg-seconds") if is_train
+                 else crop_length(info, ecg.ecg_eval_seconds, "--ecg-eval-seconds"))
     preparer = ECGSamplePreparer(
         n_samples, len(info["vocabulary"]), train=is_train, leads=LEAD_SETS[ecg.ecg_leads],
         normalize=ecg.ecg_normalize,
