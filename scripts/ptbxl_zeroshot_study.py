@@ -190,8 +190,8 @@ class Study:
                 rules = ScoringRules(names, aggregate, scoring)
                 aurocs = {}
                 for task_name in TASKS:
-                    task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                    aurocs[task_name] = _macro_auroc(task, scores["val"])
+                    _, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
+                    aurocs[task_name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
                 setting_rows.append({"setting": name, **setting, "epoch": epoch, "names": names, "aggregate": aggregate,
                                      "scoring": scoring, "fold7_macro_auroc": aurocs,
                                      "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None])),
@@ -286,8 +286,8 @@ class Study:
                 name, setting, "jaccard", a.seeds[0], None if n_shards == n_all else n_shards, best.get("epoch")))
             row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
             for task_name in TASKS:
-                task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                row["zero-shot"][task_name] = _macro_auroc(task, scores["val"])
+                _, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
+                row["zero-shot"][task_name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
             for task_name in ("ptbxl-super", "ptbxl-rhythm"):
                 checkpoint = os.path.join(a.out, "supervised", f"curve-{task_name}-{n_shards}shards.pt")
                 if os.path.exists(checkpoint):
@@ -300,15 +300,11 @@ class Study:
                 task = get_task(task_name)
                 val = score_supervised(supervised, task, resolve_shards(self.shards, "val"),
                                        f"{self.shards} (val)", about, a.batch_size, 0)
-                row["supervised"][task_name] = _macro_auroc(task, val)
+                row["supervised"][task_name] = M.macro_auroc(val.y_true, val.y_score)
             print(f"curve {n_shards} shards ({n_records} records): {row}", flush=True)
             write_json_atomic(path, row, indent=2)
             rows.append(row)
         return rows
-
-
-def _macro_auroc(task, scores) -> Optional[float]:
-    return M.headline_metrics(scores.y_true, scores.y_score, np.full(len(task.codes), 0.5))["macro_auroc"]
 
 
 def _summary(metrics: Dict) -> Dict:
@@ -332,7 +328,7 @@ def paired_difference(out: str, runs: Dict, a: str, b: str, task_name: str, n_bo
 
     def macro(score_list, w=None):
         if w is None:
-            return float(np.mean([M.headline_metrics(y_true, s, thresholds)["macro_auroc"] for s in score_list]))
+            return float(np.mean([M.macro_auroc(y_true, s) for s in score_list]))
         return np.mean([M.bootstrap_replicates(y_true, s, thresholds, w)["macro_auroc"] for s in score_list], axis=0)
 
     observed = macro(scores_a) - macro(scores_b)

@@ -33,7 +33,7 @@ from .data.manifest import read_shard_info
 from .data.pipeline import ECGSamplePreparer, make_epoch_loader
 from .atomic import write_atomic
 from .embed import crop_length, map_shards, model_leads, resolve_shards
-from .metrics import headline_metrics
+from .metrics import macro_auroc
 from .model_preprocess import check_shards_fit
 from .reporting import headline_line, write_report
 from .scoring import (
@@ -153,8 +153,7 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
         message = f"epoch {epoch + 1}/{epochs}: train BCE {np.mean(losses) if losses else float('nan'):.4f}"
         if val_shards is not None:
             validation = score_supervised(model, task, val_shards, val_spec, crop, batch_size, workers)
-            auroc = headline_metrics(validation.y_true, validation.y_score,
-                                     np.full(len(task.labels), 0.5))["macro_auroc"]
+            auroc = macro_auroc(validation.y_true, validation.y_score)
             message += f", val macro AUROC {auroc if auroc is not None else float('nan'):.4f}"
             if auroc is not None and auroc > best["auroc"]:
                 best = {"auroc": auroc, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict()),
