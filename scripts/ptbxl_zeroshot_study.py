@@ -42,7 +42,7 @@ import torch
 from open_clip_ecg import metrics as M
 from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_atomic
 from open_clip_ecg.baselines import evaluate_supervised, load_supervised, score_supervised, train_supervised
-from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.manifest import count_samples, read_shard_info
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
@@ -277,9 +277,7 @@ class Study:
                     rows.append(json.load(f))
                 continue
             shards = self.train_shards(n_shards)
-            with open(os.path.join(self.shards, "sizes.json"), encoding="utf-8") as f:
-                sizes = json.load(f)
-            n_records = sum(sizes[os.path.basename(shard)] for shard in shards)
+            n_records = count_samples(shards)
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
             name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
             model, tokenizer, embedded = self.embeddings(name, setting["model"], self.train(
