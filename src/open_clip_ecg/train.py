@@ -555,12 +555,6 @@ def check_inputs_before_start(open_clip_argv: List[str]) -> None:
 HELP_POINTER = "All other flags are open_clip_train's (python -m open_clip_train.main --help)."
 
 
-def print_help() -> None:
-    """The --ecg-* options and where open_clip_train's own flags are described."""
-    ecg_argument_parser().print_help()
-    print(f"\n{HELP_POINTER}")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run open_clip_train.main with the ECG seams; returns its exit status.
 
@@ -569,9 +563,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":  # torchrun ... -m open_clip_ecg.train -- --logs ...
         argv = argv[1:]
-    if "-h" in argv or "--help" in argv:
-        print_help()
-        return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
     check_inputs_before_start(open_clip_argv)
     open_clip_main = compat.TRAINING_MAIN.get()
