@@ -311,6 +311,28 @@ def test_the_untouched_shards_pass_the_schema(synthetic_shards):
     assert samples and all(s["ecg"].shape == (12, 1000) and s["ecg"].dtype == np.float32 for s in samples)
 
 
+def test_a_loader_looks_up_the_schema_once_per_shard_and_the_next_sees_a_rewritten_folder(
+        synthetic_shards, tmp_path, monkeypatch):
+    from open_clip_ecg.data import pipeline
+
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    shards = expand_shards(str(tmp_path / "shards"), split="train")
+    looked_up, shard_schema = [], pipeline.shard_schema
+
+    def counted(url):
+        looked_up.append(url)
+        return shard_schema(url)
+
+    monkeypatch.setattr(pipeline, "shard_schema", counted)
+    assert len(list(iterate_samples(shards))) > len(shards) > 1 and looked_up == shards
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["options"]["seconds"] = 5  # records of 500 samples, not the 1,000 stored
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match="ecg.npy declares float16 \\(12, 1000\\)"):
+        next(iterate_samples(shards))
+
+
 @pytest.mark.slow
 def test_evaluate_on_a_hostile_shard_is_one_line_naming_shard_and_key(synthetic_shards, vocabulary, tmp_path):
     import open_clip
