@@ -42,7 +42,7 @@ import torch
 from open_clip_ecg import metrics as M
 from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_atomic
 from open_clip_ecg.baselines import evaluate_supervised, load_supervised, score_supervised, train_supervised
-from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.manifest import count_samples, read_shard_info
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
@@ -195,8 +195,8 @@ class Study:
                 rules = ScoringRules(names, aggregate, scoring)
                 aurocs = {}
                 for task_name in TASKS:
-                    task, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                    aurocs[task_name] = _macro_auroc(task, scores["val"])
+                    _, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
+                    aurocs[task_name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
                 setting_rows.append({"setting": name, **setting, "epoch": epoch, "names": names, "aggregate": aggregate,
                                      "scoring": scoring, "fold7_macro_auroc": aurocs,
                                      "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None])),
@@ -271,7 +271,7 @@ class Study:
                     checkpoint_path=checkpoint)
             if validation is None:  # thresholds always come from fold 7
                 validation = score_supervised(model, get_task(task_name), resolve_shards(self.shards, "val"),
-                                              f"{self.shards} (val)", about["n_samples"], self.args.batch_size, 0)
+                                              f"{self.shards} (val)", about, self.args.batch_size, 0)
             result = evaluate_supervised(model, about, self.shards, split="test", validation=validation,
                                          n_bootstrap=self.args.bootstrap)
             out[task_name] = _summary(result.metrics)
@@ -296,15 +296,13 @@ class Study:
                     rows.append(json.load(f))
                 continue
             shards = self.train_shards(n_shards)
-            with open(os.path.join(self.shards, "sizes.json"), encoding="utf-8") as f:
-                sizes = json.load(f)
-            n_records = sum(sizes[os.path.basename(shard)] for shard in shards)
+            n_records = count_samples(shards)
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
             name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
             row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
             for task, scores, _ in self.task_scores(name, setting, "jaccard", a.seeds[0], choices, ("val",),
                                                     None if n_shards == n_all else n_shards):
-                row["zero-shot"][task.name] = _macro_auroc(task, scores["val"])
+                row["zero-shot"][task.name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
             for task_name in ("ptbxl-super", "ptbxl-rhythm"):
                 checkpoint = os.path.join(a.out, "supervised", f"curve-{task_name}-{n_shards}shards.pt")
                 if os.path.exists(checkpoint):
@@ -316,16 +314,12 @@ class Study:
                         seconds=a.crop_seconds, workers=a.workers, seed=a.seeds[0], checkpoint_path=checkpoint)
                 task = get_task(task_name)
                 val = score_supervised(supervised, task, resolve_shards(self.shards, "val"),
-                                       f"{self.shards} (val)", about["n_samples"], a.batch_size, 0)
-                row["supervised"][task_name] = _macro_auroc(task, val)
+                                       f"{self.shards} (val)", about, a.batch_size, 0)
+                row["supervised"][task_name] = M.macro_auroc(val.y_true, val.y_score)
             print(f"curve {n_shards} shards ({n_records} records): {row}", flush=True)
             write_json_atomic(path, row, indent=2)
             rows.append(row)
         return rows
-
-
-def _macro_auroc(task, scores) -> Optional[float]:
-    return M.headline_metrics(scores.y_true, scores.y_score, np.full(len(task.codes), 0.5))["macro_auroc"]
 
 
 def _summary(metrics: Dict) -> Dict:
@@ -349,7 +343,7 @@ def paired_difference(out: str, runs: Dict, a: str, b: str, task_name: str, n_bo
 
     def macro(score_list, w=None):
         if w is None:
-            return float(np.mean([M.headline_metrics(y_true, s, thresholds)["macro_auroc"] for s in score_list]))
+            return float(np.mean([M.macro_auroc(y_true, s) for s in score_list]))
         return np.mean([M.bootstrap_replicates(y_true, s, thresholds, w)["macro_auroc"] for s in score_list], axis=0)
 
     observed = macro(scores_a) - macro(scores_b)

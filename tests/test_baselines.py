@@ -117,3 +117,45 @@ def test_supervised_loader_yields_ecg_targets_and_mask(synthetic_shards):
         y, keep = task.multi_hot([sample["label_codes"]], [sample["meta"]], [sample["key"]])
         expected[tuple(y[0].astype(np.float32))] = float(keep[0])
     assert all(expected.get(tuple(row.tolist())) == float(mask) for row, mask in zip(targets, evaluated))
+
+
+def test_supervised_models_refuse_shards_at_another_rate(synthetic_shards, tmp_path):
+    """A 100 Hz model meets a folder declaring 500 Hz: a ValueError naming the folder and both rates,
+    in evaluation and, before the first epoch, in training's validation."""
+    from open_clip_ecg.baselines import create_supervised_model, evaluate_supervised, train_supervised
+    from open_clip_ecg.scoring import resolve_task
+
+    other = tmp_path / "500hz"
+    shutil.copytree(synthetic_shards, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["options"].update(sampling_rate=500, seconds=2)  # the same 1,000 stored samples
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    message = f"trained on 100 Hz ECGs but the shards in {other} are 500 Hz"
+    task = resolve_task("labels", expand_shards(str(synthetic_shards), split="train"))
+    about = {"arch": "ecg_resnet1d18", "task": "labels", "codes": task.codes, "n_samples": 250, "sampling_rate": 100.0}
+    with pytest.raises(ValueError, match=message):
+        evaluate_supervised(create_supervised_model(about["arch"], len(task.codes)), about, str(other), split="test")
+    with pytest.raises(ValueError, match=message):
+        train_supervised("labels", str(synthetic_shards), train_split="train", val_data=str(other), val_split="val",
+                         epochs=1, seconds=2.5)
+
+
+@pytest.mark.parametrize("overlap, message", [
+    ("train", "--train-data {spec} and --data {spec} share {n} record(s) (e.g. {key}): the probes must be fitted "
+              "on other records"),
+    ("val", "--val-data {spec} and --data {spec} share {n} record(s) (e.g. {key}): thresholds must come from other "
+            "records"),
+])
+def test_probe_refuses_training_or_validation_records_that_are_evaluated(synthetic_shards, overlap, message):
+    """Each overlap is blamed on the flag that brought it: a probe fitted (or thresholds chosen) on the
+    evaluated records would leak into the figures."""
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.probe import run_probe
+
+    keys = sorted(sample["key"] for sample in iterate_samples(expand_shards(str(synthetic_shards), split="test")))
+    splits = {"train_split": "train", "val_split": "val", f"{overlap}_split": "test"}
+    with pytest.raises(ValueError) as err:
+        run_probe(open_clip.create_model("ECG-RN18-CLIPText"), "labels", str(synthetic_shards), str(synthetic_shards),
+                  split="test", val_data=str(synthetic_shards), seconds=2.5, **splits)
+    spec = repr(f"{synthetic_shards} (split test)")
+    assert str(err.value) == message.format(spec=spec, n=len(keys), key=keys[0])

@@ -7,7 +7,6 @@ import open_clip.factory
 import open_clip.model
 import open_clip_train.data
 import open_clip_train.main
-import open_clip_train.params
 import open_clip_train.train
 import pytest
 import torch
@@ -30,14 +29,14 @@ def test_the_seams_cover_every_swap_the_training_run_makes():
 
 
 def test_every_rejected_flag_is_one_of_open_clip_trains_flags():
-    defaults = vars(open_clip_train.params.parse_args([]))
+    defaults = vars(compat.TRAIN_PARAMS_PARSE_ARGS.get()([]))
     missing = sorted(set(ecg_train.REJECTED_FLAGS) - set(defaults))
     assert not missing, f"open_clip_train no longer has {missing}: update REJECTED_FLAGS"
 
 
 def test_a_rejected_flag_renamed_upstream_fails_loudly(monkeypatch):
     monkeypatch.setitem(ecg_train.REJECTED_FLAGS, "imagenet_validation", "renamed upstream")
-    args = open_clip_train.params.parse_args(["--model", "ECG-RN18-CLIPText"])
+    args = compat.TRAIN_PARAMS_PARSE_ARGS.get()(["--model", "ECG-RN18-CLIPText"])
     with pytest.raises(compat.UpstreamChanged, match="--imagenet-validation, which open_clip_train"):
         ecg_train.check_open_clip_args(args)
 

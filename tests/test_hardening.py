@@ -16,9 +16,9 @@ import pytest
 
 from conftest import tiny_run_args
 from open_clip_ecg.data import preprocess
-from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.manifest import count_samples, read_shard_info
 from open_clip_ecg.data.pipeline import expand_shards, iterate_samples
-from open_clip_ecg.data.shard_format import ShardFormatError
+from open_clip_ecg.data.shard_format import MAX_JSON_BYTES, ShardFormatError
 from open_clip_ecg.data.readers.csv import CSVReader
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
@@ -206,6 +206,30 @@ def test_a_kill_between_write_and_rename_leaves_nothing_after_the_rerun(synth_cs
     assert all((out / p.name).read_bytes() == p.read_bytes() for p in reference.iterdir())
 
 
+def test_atomic_writes_fsync_the_written_file_before_the_rename(tmp_path, monkeypatch):
+    """Checkpoints, manifests and progress files go through write_atomic: their data reach the disk
+    before the name points at them."""
+    from open_clip_ecg.atomic import write_atomic
+
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        calls.append(("fsync", os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        calls.append(("replace", os.stat(src).st_ino, dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    write_atomic(tmp_path / "epoch_1.pt", lambda tmp: Path(tmp).write_bytes(b"checkpoint"))
+    inode = (tmp_path / "epoch_1.pt").stat().st_ino
+    assert calls == [("fsync", inode, len(b"checkpoint")), ("replace", inode, str(tmp_path / "epoch_1.pt"))]
+    assert (tmp_path / "epoch_1.pt").read_bytes() == b"checkpoint"
+
+
 def test_temporaries_of_live_processes_are_left_alone(tmp_path):
     from open_clip_ecg.atomic import remove_stale_temps
 
@@ -287,6 +311,28 @@ def test_the_untouched_shards_pass_the_schema(synthetic_shards):
     assert samples and all(s["ecg"].shape == (12, 1000) and s["ecg"].dtype == np.float32 for s in samples)
 
 
+def test_a_loader_looks_up_the_schema_once_per_shard_and_the_next_sees_a_rewritten_folder(
+        synthetic_shards, tmp_path, monkeypatch):
+    from open_clip_ecg.data import pipeline
+
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    shards = expand_shards(str(tmp_path / "shards"), split="train")
+    looked_up, shard_schema = [], pipeline.shard_schema
+
+    def counted(url):
+        looked_up.append(url)
+        return shard_schema(url)
+
+    monkeypatch.setattr(pipeline, "shard_schema", counted)
+    assert len(list(iterate_samples(shards))) > len(shards) > 1 and looked_up == shards
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["options"]["seconds"] = 5  # records of 500 samples, not the 1,000 stored
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ShardFormatError, match="ecg.npy declares float16 \\(12, 1000\\)"):
+        next(iterate_samples(shards))
+
+
 @pytest.mark.slow
 def test_evaluate_on_a_hostile_shard_is_one_line_naming_shard_and_key(synthetic_shards, vocabulary, tmp_path):
     import open_clip
@@ -319,6 +365,21 @@ def test_a_manifest_that_is_not_an_object_is_named(synthetic_shards, tmp_path):
     (tmp_path / "shards" / "manifest.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="manifest.json lacks numeric options.sampling_rate"):
         read_shard_info(expand_shards(str(tmp_path / "shards"), split="val"))
+
+
+def test_a_manifest_listing_thousands_of_skipped_records_is_read(synthetic_shards, tmp_path):
+    """A large job's manifest passes the 1 MiB bound of sample members: readers still accept it."""
+    shutil.copytree(synthetic_shards, tmp_path / "shards")
+    path = tmp_path / "shards" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["skipped"] = [{"record_id": f"mimic/files/p1000/s{i:08d}", "path": f"/data/mimic-iv-ecg/files/p1000/"
+                            f"s{i:08d}/{i:08d}.hea", "reason": "flat", "detail": "lead V3 is constant",
+                            "split": "train"} for i in range(6000)]
+    path.write_text(json.dumps(manifest, indent=1))
+    assert path.stat().st_size > MAX_JSON_BYTES
+    shards = expand_shards(str(tmp_path / "shards"), split="val")
+    assert read_shard_info(shards)["n_samples"] == 1000
+    assert len(list(iterate_samples(shards))) == count_samples(shards)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,20 @@ def test_labels_without_positives_or_negatives_are_undefined_excluded_and_counte
         assert interval is not None and interval[0] <= interval[1]
 
 
+def test_macro_auroc_averages_the_evaluable_labels_and_needs_no_threshold(arrays):
+    """The figure validation selects on (epochs, C, settings) is the headline's macro AUROC."""
+    y, s = arrays
+    y = y.copy()
+    y[:, 2] = False  # no positives: left out
+    expected = roc_auc_score(y[:, [0, 1, 3, 4]], s[:, [0, 1, 3, 4]], average="macro")
+    assert M.macro_auroc(y, s) == pytest.approx(expected)
+    for thresholds in (np.full(5, M.DEFAULT_THRESHOLD), np.linspace(0.1, 0.9, 5)):
+        assert M.headline_metrics(y, s, thresholds)["macro_auroc"] == M.macro_auroc(y, s)
+    assert M.macro_auroc(np.zeros_like(y), s) is None  # no label has positives
+    with pytest.raises(ValueError, match="must both be"):
+        M.macro_auroc(y, s[:, :4])
+
+
 def test_max_f1_thresholds_reach_the_best_f1_and_skip_labels_without_positives(arrays):
     y, s = arrays
     y = y.copy()

@@ -14,7 +14,7 @@ import torch
 
 import open_clip_ecg.train as ecg_train
 from conftest import tiny_run_args
-from open_clip_ecg import cli
+from open_clip_ecg import cli, compat
 from open_clip_ecg.data import pipeline
 
 MODEL = "ECG-RN18-CLIPText"
@@ -147,6 +147,18 @@ def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_p
     status = cli.main(["train", *train_args(synthetic_shards, tmp_path, "rejected"), *flags])
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, precision", [
+    ([], "amp" if torch.cuda.is_available() else "fp32"),  # open_clip's default amp is slow on CPUs
+    (["--precision", "amp_bf16"], "amp_bf16"),
+    (["--precision=amp_bf16"], "amp_bf16"),
+    (["--precision", "amp"], "amp"),
+])
+def test_a_given_precision_is_kept_in_either_form(flags, precision):
+    argv = ["--model", MODEL, *flags]
+    with ecg_train.open_clip_seams(ecg_train.ecg_argument_parser().parse_args([]), argv):
+        assert compat.PARSE_ARGS.get()(argv).precision == precision
 
 
 @pytest.mark.slow

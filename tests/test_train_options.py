@@ -86,6 +86,17 @@ def test_train_and_val_shards_with_different_vocabularies_are_refused(synthetic_
     assert not (tmp_path / "mismatch" / "checkpoints" / "epoch_1.pt").exists()
 
 
+@pytest.mark.parametrize("flag, seconds", [("--ecg-seconds", "0"), ("--ecg-seconds", "11"),
+                                           ("--ecg-eval-seconds", "0")])
+def test_a_crop_of_no_samples_or_longer_than_the_records_is_refused_naming_the_flag(synthetic_shards, tmp_path,
+                                                                                   capsys, flag, seconds):
+    capsys.readouterr()
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "crop"), flag, seconds]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error == (f"open-clip-ecg train: error: {flag} {float(seconds)} is outside the records stored in "
+                     f"{synthetic_shards} (10 s at 100 Hz)")
+
+
 # A value for each flag open_clip_train accepts but ECG training refuses; a flag added to REJECTED_FLAGS
 # without one here fails test_every_rejected_flag_has_a_test_value.
 REJECTED_FLAG_VALUES = {

@@ -4,7 +4,7 @@ memory a record with an absurd sampling rate can take.
 Setup (not timed): synthetic 12-lead records (500 Hz, 10 s) written as shards; their raw tar
 members read into memory.
 
-* ``checked_decode_vs_unchecked``: samples/s of :func:`open_clip_ecg.data.pipeline.decode_checked`
+* ``checked_decode_vs_unchecked``: samples/s of :class:`open_clip_ecg.data.pipeline.DecodeChecked`
   (npy header compared with the manifest before allocation, labels against the vocabulary, JSON
   bounded) over samples/s of the unchecked decode it replaced (``np.load`` + ``json.loads``), on
   the same members, CPU time of one thread (1.0 = the check is free).
@@ -72,7 +72,7 @@ def _peak_bytes(fn):
 def run(quick: bool = False, device: str = "cpu") -> dict:
     import torch
 
-    from open_clip_ecg.data.pipeline import decode_checked, expand_shards
+    from open_clip_ecg.data.pipeline import DecodeChecked, expand_shards
     from open_clip_ecg.data.preprocess import preprocess_record
     from open_clip_ecg.data.readers import get_reader
     from open_clip_ecg.data.record import ECGRecord, RecordEntry
@@ -87,6 +87,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         write_shards(get_reader("csv", csv_path), Path(tmp) / "shards",
                      ShardOptions(split_by="random", val_fraction=0, test_fraction=0, shard_size=64, progress=False))
         samples = _members(expand_shards(str(Path(tmp) / "shards"), split="train"))
+        decode_checked = DecodeChecked()
         decode_checked(samples[0])  # the folder's schema is read once, then cached
         checked, unchecked = _rate(decode_checked, samples, repeats), _rate(_unchecked, samples, repeats)
 

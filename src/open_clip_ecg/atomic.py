@@ -25,11 +25,16 @@ def temp_path(path) -> str:
 
 
 def write_atomic(path, write: Callable[[str], object]) -> None:
-    """Write through ``write(tmp_path)``, then move into place (os.replace is atomic on POSIX)."""
+    """Write through ``write(tmp_path)``, then move into place (os.replace is atomic on POSIX).
+
+    The temporary is fsynced before the rename: otherwise a power loss soon after could leave the
+    name pointing at a file whose data never reached the disk."""
     path = os.fspath(path)
     tmp = temp_path(path)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # `write` has closed its own file: fsync through a new descriptor
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -29,10 +29,12 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from .data.manifest import read_shard_info
 from .data.pipeline import ECGSamplePreparer, make_epoch_loader
 from .atomic import write_atomic
 from .embed import crop_length, map_shards, model_leads, resolve_shards
-from .metrics import headline_metrics
+from .metrics import macro_auroc
+from .model_preprocess import check_shards_fit
 from .reporting import headline_line, write_report
 from .scoring import (
     EvaluationResult,
@@ -81,8 +83,11 @@ def predict_probabilities(model: torch.nn.Module, ecg: torch.Tensor) -> torch.Te
     return torch.sigmoid(model(ecg.to(parameter.device, parameter.dtype)))
 
 
-def score_supervised(model, task: Task, shards, spec: str, n_samples: int, batch_size: int, workers: int):
-    probabilities, records = map_shards(lambda ecg: predict_probabilities(model, ecg), shards, n_samples,
+def score_supervised(model, task: Task, shards, spec: str, trained: Dict, batch_size: int, workers: int):
+    """The model's probabilities on `shards`, cropped to ``trained["n_samples"]``; shards at another rate
+    than ``trained["sampling_rate"]`` (the model's) are refused."""
+    check_shards_fit(trained, read_shard_info(shards))
+    probabilities, records = map_shards(lambda ecg: predict_probabilities(model, ecg), shards, trained["n_samples"],
                                         model_leads(model), batch_size, workers, desc="predict")
     return labelled_scores(task, records, probabilities, spec)
 
@@ -114,7 +119,9 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
     torch.manual_seed(seed)
     train_shards = resolve_shards(train_data, train_split)
     task = resolve_task(task, train_shards)
-    n_samples, rate = crop_length(train_shards, seconds)
+    info = read_shard_info(train_shards)
+    n_samples = crop_length(info, seconds)
+    crop = {"n_samples": n_samples, "sampling_rate": info["sampling_rate"]}
     model = create_supervised_model(arch, len(task.labels)).to(device)
     preparer = ECGSamplePreparer(n_samples, len(task.labels), train=True, leads=model_leads(model))
     data = make_epoch_loader(train_shards, TaskTargets(task, preparer), _collate_examples, batch_size=batch_size,
@@ -124,6 +131,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     val_shards = resolve_shards(val_data, val_split) if val_data is not None else None
     val_spec = describe_shards(val_data, val_split) if val_data is not None else None
+    if val_shards is not None:  # refused now rather than after the first epoch
+        check_shards_fit(crop, read_shard_info(val_shards))
     best = {"auroc": -np.inf, "epoch": epochs, "state": None, "validation": None}
     for epoch in range(epochs):
         model.train()
@@ -143,9 +152,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
             losses.append(loss.item())
         message = f"epoch {epoch + 1}/{epochs}: train BCE {np.mean(losses) if losses else float('nan'):.4f}"
         if val_shards is not None:
-            validation = score_supervised(model, task, val_shards, val_spec, n_samples, batch_size, workers)
-            auroc = headline_metrics(validation.y_true, validation.y_score,
-                                     np.full(len(task.labels), 0.5))["macro_auroc"]
+            validation = score_supervised(model, task, val_shards, val_spec, crop, batch_size, workers)
+            auroc = macro_auroc(validation.y_true, validation.y_score)
             message += f", val macro AUROC {auroc if auroc is not None else float('nan'):.4f}"
             if auroc is not None and auroc > best["auroc"]:
                 best = {"auroc": auroc, "epoch": epoch + 1, "state": copy.deepcopy(model.state_dict()),
@@ -156,9 +164,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
         model.load_state_dict(best["state"])
     about = {"arch": arch, "task": task.name, "codes": task.codes, "epoch": best["epoch"], "epochs": epochs,
              "selected_on": f"validation macro AUROC ({val_spec})" if best["state"] is not None else "last epoch",
-             "train_data": describe_shards(train_data, train_split), "n_samples": n_samples,
-             "sampling_rate": rate, "leads": model_leads(model), "lr": lr, "weight_decay": weight_decay,
-             "batch_size": batch_size, "seed": seed}
+             "train_data": describe_shards(train_data, train_split), **crop, "leads": model_leads(model), "lr": lr,
+             "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed}
     if checkpoint_path:
         save_supervised(checkpoint_path, model, about)
     return model, about, best["validation"]
@@ -173,7 +180,7 @@ def evaluate_supervised(model, about: Dict, data, *, split: Optional[str] = None
     if task.codes != list(about["codes"]):
         raise ValueError(f"the model was trained for labels {about['codes']} but task {task.name!r} "
                          f"on {data!r} has {task.codes}")
-    evaluated = score_supervised(model, task, shards, describe_shards(data, split), about["n_samples"], batch_size, workers)
+    evaluated = score_supervised(model, task, shards, describe_shards(data, split), about, batch_size, workers)
     if validation is not None:
         check_disjoint(evaluated, validation)
     thresholds, threshold_info = choose_thresholds(task.codes, validation)

@@ -240,11 +240,9 @@ def swapped(replacements: Sequence[Tuple[Seam, Any]]) -> Iterator[None]:
             seam.set(value)
 
 
-def install(seam: Seam, value: Any) -> Any:
-    """Replace `seam` for the rest of the process; returns the original (for delegation)."""
-    original = seam.get()
+def install(seam: Seam, value: Any) -> None:
+    """Replace `seam` for the rest of the process (a delegating replacement reads the original first)."""
     seam.set(value)
-    return original
 
 
 def module_view(base: types.ModuleType, replacements: Mapping[str, Any]) -> types.ModuleType:

@@ -68,16 +68,17 @@ def model_leads(model) -> List[str]:
     return list(getattr(tower, "lead_names", None) or STANDARD_LEADS)
 
 
-def crop_length(shards: Sequence[str], seconds: Optional[float] = None):
-    """(samples per ECG, sampling rate): `seconds` at the shards' rate, default the stored length."""
-    info = read_shard_info(shards)
+def crop_length(info: Dict, seconds: Optional[float] = None, flag: str = "--seconds") -> int:
+    """Samples per ECG: `seconds` (given as `flag`) at the rate of the shards `info` describes
+    (:func:`read_shard_info`), default the stored length; a crop of no samples or longer than the
+    stored records is a ValueError."""
     if seconds is None:
-        return info["n_samples"], info["sampling_rate"]
+        return info["n_samples"]
     n_samples = int(round(seconds * info["sampling_rate"]))
     if not 0 < n_samples <= info["n_samples"]:
-        raise ValueError(f"--seconds {seconds} is outside the stored records "
+        raise ValueError(f"{flag} {seconds} is outside the records stored in {info['directory']} "
                          f"({info['n_samples'] / info['sampling_rate']:g} s at {info['sampling_rate']:g} Hz)")
-    return n_samples, info["sampling_rate"]
+    return n_samples
 
 
 def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str], n_samples: int,
@@ -108,12 +109,12 @@ def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: 
     check_shards_fit(trained, info)
     if seconds is None and trained is not None:  # the validation crop, or all of shorter records
         seconds = min(float(trained["eval_seconds"]), info["n_samples"] / info["sampling_rate"])
-    n_samples, rate = crop_length(shards, seconds)
+    n_samples = crop_length(info, seconds)
     embeddings, records = map_shards(
         lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),
         shards, n_samples, model_leads(model), batch_size, workers, desc="embed",
         normalize=trained["normalize"] if trained is not None else "center")
-    return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, rate, list(shards))
+    return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, info["sampling_rate"], list(shards))
 
 
 def write_embeddings(embedded: EmbeddedShards, out_dir: str, about: Dict) -> Dict[str, str]:

@@ -66,6 +66,11 @@ def label_status(y_true) -> List[str]:
     return ["no positives" if p == 0 else "no negatives" if p == len(y_true) else "ok" for p in n_pos]
 
 
+def _evaluable(y_true) -> np.ndarray:
+    """Boolean mask of the labels with both positives and negatives (those with a defined AUROC)."""
+    return np.array([s == "ok" for s in label_status(y_true)], dtype=bool)
+
+
 def max_f1_thresholds(y_true, y_score, default: float = DEFAULT_THRESHOLD) -> Tuple[np.ndarray, List[str]]:
     """Per-label thresholds maximising F1 on the data given, which must be validation data.
 
@@ -87,16 +92,24 @@ def max_f1_thresholds(y_true, y_score, default: float = DEFAULT_THRESHOLD) -> Tu
     return thresholds, sources
 
 
+def macro_auroc(y_true, y_score) -> Optional[float]:
+    """Mean AUROC over the evaluable labels (None when there is none): the figure that selects
+    epochs, C values and training settings on validation data. Needs no threshold."""
+    y_true, y_score = _check_arrays(y_true, y_score)
+    ok = _evaluable(y_true)
+    return float(roc_auc_score(y_true[:, ok], y_score[:, ok], average="macro")) if ok.any() else None
+
+
 def headline_metrics(y_true, y_score, thresholds) -> Dict[str, Optional[float]]:
     """Macro/micro AUROC, macro AP, micro/macro F1, sample Jaccard and exact match (scikit-learn)."""
     y_true, y_score = _check_arrays(y_true, y_score)
     pred = binarize(y_score, thresholds)
-    ok = np.array([s == "ok" for s in label_status(y_true)])
+    ok = _evaluable(y_true)
     flat_defined = 0 < y_true.sum() < y_true.size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         out = {
-            "macro_auroc": float(roc_auc_score(y_true[:, ok], y_score[:, ok], average="macro")) if ok.any() else None,
+            "macro_auroc": macro_auroc(y_true, y_score),
             "micro_auroc": float(roc_auc_score(y_true, y_score, average="micro")) if flat_defined else None,
             "macro_ap": (float(average_precision_score(y_true[:, ok], y_score[:, ok], average="macro"))
                          if ok.any() else None),
@@ -206,7 +219,7 @@ def bootstrap_replicates(y_true, y_score, thresholds, weights: np.ndarray,
         raise ValueError(f"weights must be [n_bootstrap, {n}], got {weights.shape}")
     n_bootstrap = len(weights)
     pred = binarize(y_score, thresholds)
-    ok = np.flatnonzero([s == "ok" for s in label_status(y_true)])
+    ok = np.flatnonzero(_evaluable(y_true))
 
     tp = weights @ (pred & y_true)
     fp = weights @ (pred & ~y_true)

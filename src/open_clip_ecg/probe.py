@@ -36,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 from .atomic import write_json_atomic, write_text_atomic
 from .embed import EmbeddedShards, embed_shards, resolve_shards
 from .factory import load_model
-from .metrics import HEADLINE_METRICS, headline_metrics
+from .metrics import HEADLINE_METRICS, macro_auroc
 from .reporting import headline_line, write_report
 from .scoring import (
     LabelledScores,
@@ -136,9 +136,9 @@ def run_probe(model, task, train_data, data, *, train_split=None, split=None, va
     for name, (spec, spec_split) in specs.items():
         embedded = embed_shards(model, shards[name], seconds=seconds, batch_size=batch_size, workers=workers)
         rows[name] = _ProbeRows.from_embedded(task, embedded, describe_shards(spec, spec_split))
-    for other in ("train", "val"):
-        if other in rows:
-            check_disjoint(rows["eval"], rows[other])
+    check_disjoint(rows["eval"], rows["train"], "--train-data", "the probes must be fitted on other records")
+    if "val" in rows:
+        check_disjoint(rows["eval"], rows["val"])
     train = rows["train"]
     results = {}
     for fraction in fractions:
@@ -147,11 +147,7 @@ def run_probe(model, task, train_data, data, *, train_split=None, split=None, va
         fitted = []
         for c in grid:
             probe = LinearProbe(C=c).fit(train.x[index], train.y[index])
-            val_auroc = None
-            if "val" in rows:
-                val = rows["val"]
-                val_auroc = headline_metrics(val.y, probe.predict_proba(val.x),
-                                             np.full(len(task.labels), 0.5))["macro_auroc"]
+            val_auroc = macro_auroc(rows["val"].y, probe.predict_proba(rows["val"].x)) if "val" in rows else None
             fitted.append((val_auroc if val_auroc is not None else -np.inf, c, probe))
         _, chosen_c, probe = max(fitted, key=lambda item: item[0])
         validation = rows["val"].scored(probe.predict_proba(rows["val"].x)) if "val" in rows else None

@@ -203,14 +203,16 @@ def describe_shards(spec, split: Optional[str] = None) -> str:
     return f"{spec} (split {split})" if split else str(spec)
 
 
-def check_disjoint(evaluated, validation) -> None:
-    """Refuse validation data that share records with the evaluated data (thresholds would leak).
+def check_disjoint(evaluated, other, flag: str = "--val-data",
+                   reason: str = "thresholds must come from other records") -> None:
+    """Refuse `other` data (given as `flag`) that share records with the evaluated data: what they
+    choose (thresholds, a probe's weights) would leak into the figures; `reason` says which.
 
     Both arguments have ``keys`` and ``spec`` (:class:`LabelledScores` or the probe's rows)."""
-    shared = sorted(set(evaluated.keys) & set(validation.keys))
+    shared = sorted(set(evaluated.keys) & set(other.keys))
     if shared:
-        raise ValueError(f"--val-data {validation.spec!r} and --data {evaluated.spec!r} share {len(shared)} "
-                         f"record(s) (e.g. {shared[0]}): thresholds must come from other records")
+        raise ValueError(f"{flag} {other.spec!r} and --data {evaluated.spec!r} share {len(shared)} "
+                         f"record(s) (e.g. {shared[0]}): {reason}")
 
 
 def choose_thresholds(codes: Sequence[str], validation: Optional[LabelledScores] = None):

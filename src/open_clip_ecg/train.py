@@ -63,6 +63,7 @@ from .data.pipeline import (
     unpack_text_and_labels,
 )
 from .data.manifest import read_shard_info
+from .embed import crop_length
 from .factory import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
@@ -265,11 +266,8 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
     """open_clip_train dataset factory for ECG shards (replaces images with ECG crops)."""
     ecg = args.ecg
     info = _shard_info_for(args, is_train)
-    seconds = ecg.ecg_seconds if is_train else ecg.ecg_eval_seconds
-    n_samples = info["n_samples"] if seconds is None else int(round(seconds * info["sampling_rate"]))
-    if n_samples > info["n_samples"]:
-        raise ValueError(f"--ecg-{'' if is_train else 'eval-'}seconds {seconds} is longer than the "
-                         f"{info['n_samples'] / info['sampling_rate']:g} s stored in {info['directory']}")
+    n_samples = (crop_length(info, ecg.ecg_seconds, "--ecg-seconds") if is_train
+                 else crop_length(info, ecg.ecg_eval_seconds, "--ecg-eval-seconds"))
     preparer = ECGSamplePreparer(
         n_samples, len(info["vocabulary"]), train=is_train, leads=LEAD_SETS[ecg.ecg_leads],
         normalize=ecg.ecg_normalize,
@@ -484,7 +482,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
                 f"{args.model}+{os.path.basename(os.path.normpath(text_source))}",
                 ecg_options.ecg_text_model, base_model=args.model, text_cache=ecg_options.ecg_text_cache)
         check_open_clip_args(args)
-        if "--precision" not in argv and not torch.cuda.is_available():
+        if given_flags(argv, "--precision").precision is None and not torch.cuda.is_available():
             args.precision = "fp32"  # open_clip's default 'amp' is float16 autocast: slow on CPUs
         args.siglip = True  # the logit bias exists only with --siglip
         tower_leads = _tower_lead_set(args.model)
@@ -535,12 +533,18 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         yield
 
 
+def given_flags(argv: List[str], *flags: str) -> argparse.Namespace:
+    """The values of open_clip_train's `flags` in `argv` (None when absent), in every form its parser
+    accepts (``--flag value``, ``--flag=value``)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for flag in flags:
+        parser.add_argument(flag, default=None)
+    return parser.parse_known_args(argv)[0]
+
+
 def check_inputs_before_start(open_clip_argv: List[str]) -> None:
     """Fail on missing shards or checkpoint files before open_clip_train starts (and logs ~250 lines)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    for flag in ("--train-data", "--val-data", "--pretrained"):
-        parser.add_argument(flag, default=None)
-    given, _ = parser.parse_known_args(open_clip_argv)
+    given = given_flags(open_clip_argv, "--train-data", "--val-data", "--pretrained")
     for spec in (given.train_data, given.val_data):
         if spec:
             read_shard_info(expand_shards(spec))
@@ -551,12 +555,6 @@ def check_inputs_before_start(open_clip_argv: List[str]) -> None:
 HELP_POINTER = "All other flags are open_clip_train's (python -m open_clip_train.main --help)."
 
 
-def print_help() -> None:
-    """The --ecg-* options and where open_clip_train's own flags are described."""
-    ecg_argument_parser().print_help()
-    print(f"\n{HELP_POINTER}")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run open_clip_train.main with the ECG seams; returns its exit status.
 
@@ -565,9 +563,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "--":  # torchrun ... -m open_clip_ecg.train -- --logs ...
         argv = argv[1:]
-    if "-h" in argv or "--help" in argv:
-        print_help()
-        return 0
     ecg_options, open_clip_argv = ecg_argument_parser().parse_known_args(argv)
     check_inputs_before_start(open_clip_argv)
     open_clip_main = compat.TRAINING_MAIN.get()

@@ -24,7 +24,7 @@ from .shard_format import (
     SampleSchema,
     check_manifest_version,
     jsonable,
-    load_json,
+    load_folder_json,
     shard_pattern,
 )
 from .vocabulary import VOCABULARY_FILE, build_vocabulary, load_vocabulary
@@ -90,8 +90,7 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     manifest_path = os.path.join(directory, MANIFEST_FILE)
     if not os.path.exists(manifest_path):
         raise ValueError(f"{manifest_path} is missing: shards must come from `open-clip-ecg shards`")
-    with open(manifest_path, "rb") as f:
-        manifest = load_json(f.read(), manifest_path, MANIFEST_FILE)
+    manifest = load_folder_json(manifest_path)
     if isinstance(manifest, dict):
         check_manifest_version(manifest, manifest_path)
     options = manifest.get("options") if isinstance(manifest, dict) else None
@@ -122,8 +121,7 @@ def count_samples(shards: Sequence[str]) -> Optional[int]:
     sizes_path = os.path.join(os.path.dirname(os.path.abspath(shards[0])), SIZES_FILE)
     if not os.path.exists(sizes_path):
         return None
-    with open(sizes_path, "rb") as f:
-        sizes = load_json(f.read(), sizes_path, SIZES_FILE)
+    sizes = load_folder_json(sizes_path)
     if not isinstance(sizes, dict):
         raise ValueError(f"{sizes_path} must map shard names to sample counts")
     try:

@@ -42,7 +42,7 @@ from ..compat import (  # open_clip_train's, reused as-is: epoch sync and determ
 )
 from ..leads import STANDARD_LEADS, lead_indices
 from .manifest import count_samples, shard_schema
-from .shard_format import ShardFormatError, decode_sample, shard_glob
+from .shard_format import SampleSchema, ShardFormatError, decode_sample, shard_glob
 from .text import TrainingTextSampler
 from .transforms import build_ecg_transform
 from .vocabulary import labels_to_multi_hot
@@ -113,13 +113,28 @@ def shuffle_samples():
     return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL)
 
 
-def decode_checked(sample: Dict) -> Dict:
-    """A raw sample decoded and checked against what its shard folder declares."""
-    return decode_sample(sample, shard_schema)
+class DecodeChecked:
+    """Raw sample -> decoded sample, checked against what its shard folder declares.
+
+    The declaration is looked up once per shard url: :func:`.manifest.shard_schema` stats the
+    folder's files, too slow for every sample, and a folder does not change under a loader reading
+    it. :func:`decode` builds a new stage for every loader, so the next loader sees a rewritten
+    folder. A class so loader workers can pickle it."""
+
+    def __init__(self):
+        self.schemas: Dict[str, SampleSchema] = {}
+
+    def schema(self, url: str) -> SampleSchema:
+        if url not in self.schemas:
+            self.schemas[url] = shard_schema(url)
+        return self.schemas[url]
+
+    def __call__(self, sample: Dict) -> Dict:
+        return decode_sample(sample, self.schema)
 
 
 def decode():
-    return wds.map(decode_checked)
+    return wds.map(DecodeChecked())
 
 
 def batch(batch_size: int, collate: Callable, partial: bool):
@@ -177,11 +192,6 @@ def unpack_text_and_labels(packed: torch.Tensor) -> PackedText:
     n = int(packed[0, 0])
     return PackedText(packed[:, 2 + 2 * n:], packed[:, 2:2 + n].float(), packed[:, 2 + n:2 + 2 * n].float(),
                       packed[:, 1])
-
-
-# --------------------------------------------------------------------------------------------
-# Per-sample preparation shared by training, validation and evaluation
-# --------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,13 +22,15 @@ this order (:data:`MEMBERS`):
   leads, split, fold, report, age, sex and the reader's metadata).
 
 Members are written as sorted-key, non-ASCII-preserving JSON; JSON members are read bounded in
-size (``MAX_JSON_BYTES``) and nesting (``MAX_JSON_DEPTH``).
+size (``MAX_JSON_BYTES``) and nesting (``MAX_JSON_DEPTH``), the folder's JSON files by
+:func:`load_folder_json`.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
@@ -49,6 +51,10 @@ REQUIRED_MEMBERS = (ECG_MEMBER, TEXT_MEMBER, LABELS_MEMBER)      # what a reader
 
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
+# The folder's JSON files are the writer's own and grow with the job (the manifest lists every
+# skipped record, ~220 bytes each): MAX_JSON_BYTES, meant for members of untrusted samples, would
+# make a large MIMIC-IV-ECG folder unreadable.
+MAX_FOLDER_JSON_BYTES = 256 << 20
 ECG_DTYPE = np.dtype("<f2")
 
 
@@ -201,10 +207,10 @@ def load_ecg(data: bytes, schema: SampleSchema, where: str) -> np.ndarray:
     return ecg.astype(np.float32)
 
 
-def load_json(data: bytes, where: str, member: str):
-    """A JSON member, bounded in size and nesting."""
-    if len(data) > MAX_JSON_BYTES:
-        raise ShardFormatError(f"{where}: {member} is {len(data)} bytes (limit {MAX_JSON_BYTES})")
+def load_json(data: bytes, where: str, member: str, max_bytes: int = MAX_JSON_BYTES):
+    """A JSON member, bounded in size (`max_bytes`) and nesting."""
+    if len(data) > max_bytes:
+        raise ShardFormatError(f"{where}: {member} is {len(data)} bytes (limit {max_bytes})")
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack
@@ -212,6 +218,12 @@ def load_json(data: bytes, where: str, member: str):
     if _depth(value) > MAX_JSON_DEPTH:
         raise ShardFormatError(f"{where}: {member} is nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def load_folder_json(path):
+    """A JSON file of a shard folder (manifest, sizes, vocabulary), bounded by MAX_FOLDER_JSON_BYTES."""
+    with open(path, "rb") as f:
+        return load_json(f.read(), os.fspath(path), os.path.basename(path), MAX_FOLDER_JSON_BYTES)
 
 
 def _depth(value) -> int:

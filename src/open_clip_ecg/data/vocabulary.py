@@ -9,11 +9,12 @@ shifting the ids of samples already written.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Sequence
 
 import torch
+
+from .shard_format import load_folder_json
 
 VOCABULARY_FILE = "vocabulary.json"
 
@@ -47,10 +48,7 @@ def load_vocabulary(shard_dir) -> List[dict]:
     if not path.is_file():
         raise ValueError(f"{path}: no label vocabulary; shard folders written by `open-clip-ecg shards` "
                          f"contain {VOCABULARY_FILE}")
-    try:
-        vocabulary = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, RecursionError) as err:
-        raise ValueError(f"{path}: not valid JSON: {type(err).__name__}: {err}") from None
+    vocabulary = load_folder_json(path)
     if not isinstance(vocabulary, list) or not all(isinstance(e, dict) and {"id", "code", "name"} <= e.keys()
                                                     for e in vocabulary):
         raise ValueError(f"{path}: expected a list of objects with 'id', 'code' and 'name'")
