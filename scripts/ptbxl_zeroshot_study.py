@@ -37,7 +37,6 @@ import sys
 from typing import Dict, List, Optional
 
 import numpy as np
-import torch
 
 from open_clip_ecg import metrics as M
 from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_atomic
@@ -48,9 +47,10 @@ from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
 from open_clip_ecg.factory import load_model
 from open_clip_ecg.scoring import (AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer, choose_thresholds,
-                                   labelled_scores, summarize)
+                                   summarize)
 from open_clip_ecg.tasks import get_task
 from open_clip_ecg.train import main as train_main
+from open_clip_ecg.zeroshot import PromptEmbeddingCache
 
 TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
@@ -67,25 +67,6 @@ SELECTION = {
     "minilm+sampled-text": {"model": "ECG-RN18-MiniLM", "text": "sampled"},
     "minilm-locked+sampled-text": {"model": "ECG-RN18-MiniLM", "text": "sampled", "lock_text": True},
 }
-
-
-class PromptEmbeddingCache:
-    """The model, with ``encode_text`` remembering each token row: the selection grid scores the
-    same prompts under many rules, and each is encoded once."""
-
-    def __init__(self, model):
-        self.model, self.cache = model, {}
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def encode_text(self, tokens, normalize: bool = False):
-        keys = [(normalize, tuple(row.tolist())) for row in tokens]
-        missing = [i for i, key in enumerate(keys) if key not in self.cache]
-        if missing:
-            for i, embedding in zip(missing, self.model.encode_text(tokens[missing], normalize=normalize)):
-                self.cache[keys[i]] = embedding
-        return torch.stack([self.cache[key] for key in keys])
 
 
 def _write_npz(path: str, arrays: Dict) -> None:
@@ -156,11 +137,7 @@ class Study:
         task = get_task(task_name)
         vocabulary = read_shard_info(resolve_shards(self.shards, "train"))["vocabulary"]
         scorer = TaskScorer(model, tokenizer, task, rules, vocabulary=vocabulary)
-        out = {}
-        for split in splits:
-            with torch.no_grad():
-                scores = scorer.scores(torch.from_numpy(embedded[split].embeddings)).numpy()
-            out[split] = labelled_scores(task, embedded[split].records, scores, f"{self.shards} ({split})")
+        out = {split: scorer.labelled_scores(embedded[split], f"{self.shards} ({split})") for split in splits}
         return task, out, scorer
 
     def report(self, task, scores, method: str, about: Optional[Dict] = None) -> Dict:

@@ -21,11 +21,13 @@ from sklearn.metrics import f1_score, roc_auc_score
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.pipeline import expand_shards, iterate_samples, make_eval_loader
 from open_clip_ecg.embed import embed_shards
-from open_clip_ecg.evaluate import evaluate_zeroshot
+import open_clip_ecg.evaluate as evaluate_module
+from open_clip_ecg.evaluate import choose_on_validation, evaluate_zeroshot
 from open_clip_ecg.factory import load_model
 from open_clip_ecg.loss import MultiLabelSigLipLoss
 from open_clip_ecg.prompts import task_prompts
 from open_clip_ecg.reporting import write_report
+from open_clip_ecg.scoring import ScoringRules
 from open_clip_ecg.tasks import get_task
 
 MODEL = "ECG-RN18-CLIPText"
@@ -42,16 +44,20 @@ def save_open_clip_checkpoint(model, path):
     torch.save({"epoch": 1, "name": "test-run", "state_dict": state}, path)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
+def save_random_checkpoint(path, seed: int = 0):
+    """A randomly initialised MODEL as an open_clip_train checkpoint at `path`."""
+    torch.manual_seed(seed)
     model = open_clip.create_model(MODEL)
     with torch.no_grad():  # probabilities away from 0 so thresholds matter
         model.logit_scale.fill_(np.log(10.0))
         model.logit_bias.fill_(-1.0)
-    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
     save_open_clip_checkpoint(model, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "epoch_1.pt")
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +186,58 @@ def test_validation_data_overlapping_the_evaluated_data_is_refused(synthetic_sha
     with pytest.raises(ValueError, match="same shard"):
         evaluate_zeroshot(model, tokenizer, str(synthetic_shards), "labels", split="test",
                           val_data=str(synthetic_shards), val_split="test", seconds=2.5, n_bootstrap=0)
+
+
+def test_choice_on_validation_is_the_first_best_candidate_and_embeds_each_checkpoint_once(
+        synthetic_shards, checkpoint, tmp_path, monkeypatch):
+    calls = Counter()
+
+    def counted(name):
+        original = getattr(evaluate_module, name)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(evaluate_module, name, call)
+
+    counted("load_model")
+    counted("embed_shards")
+    checkpoints = [str(checkpoint), str(save_random_checkpoint(tmp_path / "epoch_2.pt", seed=1))]
+    # the labels task's labels are their own only statement: noisy-or ties with prompt, which comes later
+    grid = [ScoringRules("name", "noisy-or", "sigmoid"), ScoringRules("name", "prompt", "sigmoid"),
+            ScoringRules("shipped", "prompt", "contrast")]
+    choices, candidates = choose_on_validation(MODEL, checkpoints, str(synthetic_shards), "val", ["labels"], grid)
+    assert calls == {"load_model": 2, "embed_shards": 2}
+    assert [(row["checkpoint"], row["aggregate"], row["names"]) for row in candidates] == [
+        (c, rules.aggregate, rules.names) for c in checkpoints for rules in grid]
+    for first in (0, 3):
+        assert candidates[first]["val_macro_auroc"] == candidates[first + 1]["val_macro_auroc"]
+    best = max(candidates, key=lambda row: row["val_macro_auroc"])
+    choice = choices["labels"]
+    assert (choice.checkpoint, choice.rules, choice.val_macro_auroc) == (
+        best["checkpoint"], ScoringRules(best["names"], best["aggregate"], best["scoring"]), best["val_macro_auroc"])
+    assert choice.rules != grid[1]  # the tie went to the earlier rules
+    assert choice.describe() == {"chosen_on": "val", "checkpoint": best["checkpoint"],
+                                 "rules": {"names": best["names"], "aggregate": best["aggregate"],
+                                           "scoring": best["scoring"]}, "val_macro_auroc": best["val_macro_auroc"]}
+    # the AUROC it was chosen by is the macro AUROC the evaluation reports on the val split
+    model, tokenizer = load_model(MODEL, choice.checkpoint)
+    on_val = evaluate_zeroshot(model, tokenizer, str(synthetic_shards), "labels", split="val", rules=choice.rules,
+                               n_bootstrap=0)
+    assert on_val.metrics["headline"]["macro_auroc"] == pytest.approx(choice.val_macro_auroc)
+
+
+def test_choice_on_validation_falls_back_to_the_last_checkpoint_when_no_auroc_is_defined(
+        synthetic_shards, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module.M, "macro_auroc", lambda y_true, y_score: None)
+    fallback = ScoringRules("shipped", "prompt", "contrast")
+    last = str(save_random_checkpoint(tmp_path / "epoch_2.pt", seed=1))
+    choices, candidates = choose_on_validation(MODEL, [str(checkpoint), last], str(synthetic_shards), "val",
+                                               ["labels"], [ScoringRules()], fallback_rules=fallback)
+    assert [row["val_macro_auroc"] for row in candidates] == [None, None]
+    choice = choices["labels"]
+    assert (choice.checkpoint, choice.rules, choice.val_macro_auroc, choice.chosen_on) == (last, fallback, None, None)
+    assert "no label of labels has both positives and negatives" in choice.describe()["note"]
 
 
 def test_load_model_restores_an_open_clip_train_checkpoint(checkpoint, model_and_tokenizer):

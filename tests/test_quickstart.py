@@ -3,15 +3,18 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
+
+from open_clip_ecg.scoring import ALL_SCORING_RULES, ScoringRules
 
 
 @pytest.mark.slow
 def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     out = tmp_path / "qs"
     cmd = [sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(out), "--n", "160",
-           "--epochs", "1", "--batch-size", "16", "--bootstrap", "20", "--workers", "1"]
+           "--epochs", "2", "--batch-size", "16", "--bootstrap", "20", "--workers", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
@@ -33,10 +36,29 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     for name in ("per_label.png", "roc_curves.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "macro" in (report / "report.md").read_text().lower()
-    assert (out / "logs" / "quickstart" / "checkpoints" / "epoch_1.pt").exists()
+    assert {p.name for p in (out / "logs" / "quickstart" / "checkpoints").glob("*.pt")} == {"epoch_1.pt", "epoch_2.pt"}
+    # the epoch and scoring rules were chosen on val: the best of the candidate table, and said so
+    choice = metrics["choice"]
+    assert choice["chosen_on"] == "val" and choice["epoch"] in (1, 2) and metrics["pretrained"] == choice["checkpoint"]
+    assert metrics["zeroshot"]["names"] == choice["rules"]["names"]
+    with open(report / "choice_on_val.csv") as f:
+        candidates = list(csv.DictReader(f))
+    assert len(candidates) == 2 * len(ALL_SCORING_RULES)
+    assert choice["val_macro_auroc"] == pytest.approx(max(float(row["val_macro_auroc"]) for row in candidates))
+    rules = ", ".join(f"{what} {value}" for what, value in choice["rules"].items())
+    auroc = f"{choice['val_macro_auroc']:.3f}"
+    assert f"labels: epoch {choice['epoch']}, {rules} (val macro AUROC {auroc})" in result.stderr
     # every path printed at the end exists
     printed = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(" ") and ": " in line]
     assert printed and all((tmp_path / p).exists() or __import__("os").path.exists(p) for p in printed)
+
+    # --choose last on the finished run: nothing retrained, the last epoch with the default rules
+    result = subprocess.run(cmd + ["--choose", "last"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Train Epoch" not in result.stderr
+    choice = json.loads((report / "metrics.json").read_text())["choice"]
+    assert (choice["chosen_on"], choice["epoch"], choice["rules"]) == (None, 2, asdict(ScoringRules()))
+    assert not (report / "choice_on_val.csv").exists()
 
 
 def test_quickstart_rejects_a_bad_data_spec(tmp_path):
@@ -44,3 +66,4 @@ def test_quickstart_rejects_a_bad_data_spec(tmp_path):
                              "--data", "nosuchformat:/x"], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "expected ptbxl:PATH, cinc:PATH or csv:PATH" in result.stderr
+

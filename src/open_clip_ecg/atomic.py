@@ -1,8 +1,8 @@
 """Atomic file writes: write to a temporary sibling, then rename, so a crash never leaves half a file.
 
 The one home of file writing for every module and script: :func:`write_atomic` for writers that
-take a path (plots, ``torch.save``, safetensors), :func:`write_text_atomic` and
-:func:`write_json_atomic` for text and JSON.
+take a path (plots, ``torch.save``, safetensors), :func:`write_text_atomic`,
+:func:`write_json_atomic` and :func:`write_csv_atomic` for text, JSON and CSV.
 
 Temporaries are named ``NAME.tmpPID`` (PID of the writing process). A process killed between write
 and rename leaves one behind; :func:`remove_stale_temps` deletes those whose process is gone, so
@@ -10,11 +10,13 @@ re-runs and resumes leave a folder equal to that of an uninterrupted run.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Iterable, List, Mapping, Sequence
 
 TEMP_SUFFIX = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
 
@@ -48,6 +50,15 @@ def write_text_atomic(path, text: str) -> None:
             f.write(text)
 
     write_atomic(path, write)
+
+
+def write_csv_atomic(path, columns: Sequence[str], rows: Iterable[Mapping]) -> None:
+    """Atomically write `rows` (dicts with the keys `columns`) as CSV under a `columns` header."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
 
 
 def write_json_atomic(path, value, *, final_newline: bool = False, **dump_kwargs) -> None:

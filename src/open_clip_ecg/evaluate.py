@@ -16,22 +16,25 @@
   sorted, beside its prevalence), ``roc_curves.png`` and ``report.md``.
 
 Python API: :func:`evaluate_zeroshot` (a model from :func:`open_clip_ecg.factory.load_model`;
-the report from :func:`open_clip_ecg.reporting.write_report`). Thresholds and metrics are
+the report from :func:`open_clip_ecg.reporting.write_report`); :func:`choose_on_validation` picks,
+per task, the checkpoint and scoring rules with the best validation macro AUROC (the quickstart
+does, as the PTB-XL study does). Thresholds and metrics are
 :mod:`open_clip_ecg.scoring`'s, as for the supervised baseline and the linear probe, so every
 method is scored and reported the same way.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple, Union
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import torch
-
+from . import metrics as M
 from .data.manifest import read_shard_info
 from .embed import EmbeddedShards, embed_shards, model_leads, resolve_shards
 from .factory import load_model
 from .reporting import headline_line, write_report
 from .scoring import (
+    ALL_SCORING_RULES,
     EvaluationResult,
     LabelledScores,
     ScoringRules,
@@ -41,14 +44,14 @@ from .scoring import (
     check_disjoint,
     choose_thresholds,
     describe_shards,
-    labelled_scores,
     resolve_task,
     scoring_rules,
     summarize,
 )
 from .tasks import Task
+from .zeroshot import PromptEmbeddingCache
 
-__all__ = ["evaluate_zeroshot", "add_arguments", "run"]
+__all__ = ["evaluate_zeroshot", "choose_on_validation", "TaskChoice", "add_arguments", "run"]
 
 
 def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels", *, split: Optional[str] = None,
@@ -74,9 +77,7 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
 
     def score(spec, shard_list) -> Tuple[LabelledScores, EmbeddedShards]:
         embedded = embed_shards(model, shard_list, seconds=seconds, batch_size=batch_size, workers=workers)
-        with torch.no_grad():
-            probabilities = scorer.scores(torch.from_numpy(embedded.embeddings))
-        return labelled_scores(task, embedded.records, probabilities.cpu().numpy(), spec), embedded
+        return scorer.labelled_scores(embedded, spec), embedded
 
     evaluated, embedded = score(describe_shards(data, split), shards)
     validation = None
@@ -91,6 +92,70 @@ def evaluate_zeroshot(model, tokenizer, data, task: Union[str, Task] = "labels",
              "logit_scale": float(scorer.logit_scale), "logit_bias": float(scorer.logit_bias.reshape(-1)[0]),
              "zeroshot": scorer.describe()}
     return summarize(task, "zero-shot", evaluated, thresholds, threshold_info, n_bootstrap, seed, about)
+
+
+@dataclass
+class TaskChoice:
+    """The checkpoint and scoring rules a task is evaluated with, and the validation AUROC that chose them."""
+
+    checkpoint: str
+    rules: ScoringRules
+    val_macro_auroc: Optional[float]
+    chosen_on: Optional[str]  # the validation split (or shards) that chose; None: nothing was chosen on data
+    note: Optional[str] = None  # why, when nothing was chosen on data
+
+    def describe(self) -> Dict:
+        """For ``metrics.json``."""
+        about = {"chosen_on": self.chosen_on, "checkpoint": self.checkpoint, "rules": asdict(self.rules),
+                 "val_macro_auroc": self.val_macro_auroc}
+        return {**about, "note": self.note} if self.note else about
+
+
+def choose_on_validation(model_name: str, checkpoints: Sequence[str], val_data, val_split: Optional[str] = None,
+                         tasks: Sequence[str] = ("labels",), rules_grid: Sequence[ScoringRules] = ALL_SCORING_RULES,
+                         *, fallback_rules: ScoringRules = ScoringRules(), prompts: Optional[str] = None,
+                         seconds: Optional[float] = None, batch_size: int = 64,
+                         workers: int = 0) -> Tuple[Dict[str, TaskChoice], List[Dict]]:
+    """Per task, the checkpoint x scoring rules with the best macro AUROC on the validation shards.
+
+    Which training length and which scoring rule rank a task best differ from task to task (the
+    PTB-XL study, ``scripts/ptbxl_zeroshot_study.py``), and nothing but labelled data can tell, so
+    validation data choose both, as the supervised baseline chooses its epoch. Each checkpoint is
+    loaded and embeds the validation shards once. Ties go to the earlier candidate (checkpoints in
+    the given order, then `rules_grid`'s). A task whose AUROC is undefined for every candidate takes
+    the last checkpoint with `fallback_rules`, and its note says so.
+
+    Returns ``({task: TaskChoice}, candidates)``: one row per task x checkpoint x rules (task,
+    checkpoint, names, aggregate, scoring, val_macro_auroc), in candidate order.
+    """
+    if not checkpoints or not rules_grid:
+        raise ValueError("choosing on validation data needs at least one checkpoint and one scoring rule")
+    val_shards = resolve_shards(val_data, val_split)
+    spec, vocabulary = describe_shards(val_data, val_split), read_shard_info(val_shards)["vocabulary"]
+    resolved = {name: resolve_task(name, val_shards) for name in tasks}
+    candidates = []
+    for checkpoint in map(str, checkpoints):
+        model, tokenizer = load_model(model_name, checkpoint)
+        embedded = embed_shards(model, val_shards, seconds=seconds, batch_size=batch_size, workers=workers)
+        model = PromptEmbeddingCache(model)  # the grid prompts the same texts under many rules
+        for rules in rules_grid:
+            for name, task in resolved.items():
+                scorer = TaskScorer(model, tokenizer, task, rules, prompts, vocabulary, batch_size)
+                scores = scorer.labelled_scores(embedded, spec)
+                candidates.append({"task": name, "checkpoint": checkpoint, **asdict(rules),
+                                   "val_macro_auroc": M.macro_auroc(scores.y_true, scores.y_score)})
+    choices = {}
+    for name in tasks:
+        defined = [row for row in candidates if row["task"] == name and row["val_macro_auroc"] is not None]
+        if not defined:
+            choices[name] = TaskChoice(str(checkpoints[-1]), fallback_rules, None, None,
+                                       f"no label of {name} has both positives and negatives in {spec}: "
+                                       "the last checkpoint with the default rules, nothing chosen")
+            continue
+        best = max(defined, key=lambda row: row["val_macro_auroc"])  # the first of equals
+        choices[name] = TaskChoice(best["checkpoint"], ScoringRules(best["names"], best["aggregate"], best["scoring"]),
+                                   best["val_macro_auroc"], val_split or spec)
+    return choices, candidates
 
 
 def add_arguments(parser) -> None:

@@ -23,7 +23,9 @@ task (:mod:`open_clip_ecg.tasks`) and how (:class:`ScoringRules`):
   ``sigmoid(s * (cos(ecg, finding) - cos(ecg, no finding)))``, a score that compares like with
   like across ECGs whatever a prompt's overall similarity level.
 
-The rules are recorded in ``metrics.json`` (:meth:`TaskScorer.describe`).
+The rules are recorded in ``metrics.json`` (:meth:`TaskScorer.describe`). Which rules suit a task
+is chosen on validation data, from :data:`ALL_SCORING_RULES` by default
+(:func:`open_clip_ecg.evaluate.choose_on_validation`).
 
 **Thresholds and metrics, any method.** A method's scores on one set of shards become
 :class:`LabelledScores` (:func:`labelled_scores`: the task's targets beside the scores, records
@@ -38,6 +40,7 @@ The command-line options the evaluating subcommands share are here too
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -52,7 +55,7 @@ from .tasks import SCP, SNOMED, TASKS, Task, TaskLabel, get_task
 from .zeroshot import DEFAULT_TEMPLATES, build_zeroshot_classifier
 
 if TYPE_CHECKING:
-    from .embed import ShardRecords
+    from .embed import EmbeddedShards, ShardRecords
 
 AGGREGATIONS = ("prompt", "noisy-or", "max", "mean")
 SCORINGS = ("sigmoid", "contrast")
@@ -76,6 +79,10 @@ class ScoringRules:
                                      (self.scoring, SCORINGS, "scoring")):
             if value not in choices:
                 raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(choices)}")
+
+
+# Every rule combination: the grid validation chooses from (open_clip_ecg.evaluate.choose_on_validation).
+ALL_SCORING_RULES = tuple(ScoringRules(*rules) for rules in itertools.product(PROMPT_NAMES, AGGREGATIONS, SCORINGS))
 
 
 def aggregate_probabilities(statement_probs: torch.Tensor, members: Sequence[Sequence[int]], rule: str) -> torch.Tensor:
@@ -144,6 +151,12 @@ class TaskScorer:
         if self.rules.aggregate == "prompt":
             return probs
         return aggregate_probabilities(probs, self.members, self.rules.aggregate)
+
+    def labelled_scores(self, embedded: "EmbeddedShards", spec: str) -> "LabelledScores":
+        """Scores of the embedded records beside the task's targets (:func:`labelled_scores`)."""
+        with torch.no_grad():
+            probabilities = self.scores(torch.from_numpy(embedded.embeddings))
+        return labelled_scores(self.task, embedded.records, probabilities.cpu().numpy(), spec)
 
     def describe(self) -> Dict:
         """The rules, templates and prompt names, for ``metrics.json``."""

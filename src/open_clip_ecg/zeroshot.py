@@ -64,6 +64,25 @@ def build_zeroshot_classifier(
     return F.normalize(summed, dim=-1)
 
 
+class PromptEmbeddingCache:
+    """`model`, with ``encode_text`` remembering each token row: choosing scoring rules on validation
+    data scores the same prompts under many rules, and each prompt is encoded once."""
+
+    def __init__(self, model):
+        self.model, self.cache = model, {}
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def encode_text(self, tokens, normalize: bool = False):
+        keys = [(normalize, tuple(row.tolist())) for row in tokens]
+        missing = [i for i, key in enumerate(keys) if key not in self.cache]
+        if missing:
+            for i, embedding in zip(missing, self.model.encode_text(tokens[missing], normalize=normalize)):
+                self.cache[keys[i]] = embedding
+        return torch.stack([self.cache[key] for key in keys])
+
+
 def prompt_texts(
         findings: Union[Sequence[str], Mapping[str, Sequence[str]]],
         templates: Sequence[Template] = DEFAULT_TEMPLATES,

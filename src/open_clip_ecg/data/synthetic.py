@@ -45,8 +45,6 @@ territory qualifiers, random order and several templates.
 """
 from __future__ import annotations
 
-import csv
-import io
 import multiprocessing
 import os
 import sys
@@ -58,7 +56,7 @@ import numpy as np
 import wfdb
 from tqdm import tqdm
 
-from ..atomic import write_text_atomic
+from ..atomic import write_csv_atomic
 from ..leads import STANDARD_LEADS
 
 FINDINGS: Dict[str, str] = {
@@ -417,19 +415,11 @@ def write_synthetic_dataset(output_dir, n: int, seed: int = 0, sampling_rate: fl
     else:
         with multiprocessing.Pool(workers) as pool:
             rows = list(tqdm(pool.imap(_write_record, jobs, chunksize=16), **bar))
-    write_text_atomic(output_dir / "label_names.csv",
-                       _csv_text(["code", "name"], [{"code": c, "name": name} for c, name in FINDINGS.items()]))
+    write_csv_atomic(output_dir / "label_names.csv", ["code", "name"],
+                     [{"code": c, "name": name} for c, name in FINDINGS.items()])
     csv_path = output_dir / "records.csv"
-    write_text_atomic(csv_path, _csv_text(list(rows[0]), rows))
+    write_csv_atomic(csv_path, list(rows[0]), rows)
     return csv_path
-
-
-def _csv_text(columns: List[str], rows: List[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def add_arguments(parser) -> None:
