@@ -255,11 +255,12 @@ class Study:
         return out
 
 
-    def learning_curve(self, best: Dict, choices: Dict) -> List[Dict]:
+    def learning_curve(self, best: Dict, choices: Dict, train: bool = True) -> List[Dict]:
         """Fold-7 macro AUROC against training-set size: zero-shot (the winner, jaccard, first seed)
         and supervised BCE (last epoch, nothing chosen on fold 7), on the first k training shards.
 
         Evidence for whether the zero-shot-vs-supervised gap closes with data; fold 8 is not used.
+        With ``train=False`` (a report without the curve stage) only the points already measured.
         """
         a = self.args
         setting = {k: best[k] for k in BASE}
@@ -271,6 +272,8 @@ class Study:
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:
                     rows.append(json.load(f))
+                continue
+            if not train:
                 continue
             shards = self.train_shards(n_shards)
             n_records = count_samples(shards)
@@ -459,7 +462,8 @@ def main(argv=None) -> int:
     if args.stages == ["select"]:
         return 0
     best, choices = selection["best"], selection["choices"]
-    curve = study.learning_curve(best, choices) if {"curve", "report"} & set(args.stages) else []
+    curve = (study.learning_curve(best, choices, train="curve" in args.stages)
+             if {"curve", "report"} & set(args.stages) else [])
     runs = study.seeds(best, choices) if {"seeds", "report"} & set(args.stages) else {}
     supervised = study.supervised() if {"supervised", "report"} & set(args.stages) else {}
     if "report" not in args.stages:
