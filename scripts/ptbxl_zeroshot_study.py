@@ -269,17 +269,20 @@ class Study:
         for n_shards in sorted(set(a.curve_shards) | {n_all}):
             n_shards = min(n_shards, n_all)
             path = os.path.join(self.cache, f"curve-{n_shards}.json")
-            if os.path.exists(path):
+            if os.path.exists(path):  # measured before, with these choices?
                 with open(path, encoding="utf-8") as f:
-                    rows.append(json.load(f))
-                continue
+                    row = json.load(f)
+                if row.get("choices") == choices:
+                    rows.append(row)
+                    continue
             if not train:
                 continue
             shards = self.train_shards(n_shards)
             n_records = count_samples(shards)
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
             name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
-            row = {"n_shards": n_shards, "n_records": n_records, "zero-shot": {}, "supervised": {}}
+            row = {"n_shards": n_shards, "n_records": n_records, "choices": choices, "zero-shot": {},
+                   "supervised": {}}
             for task, scores, _ in self.task_scores(name, setting, "jaccard", a.seeds[0], choices, ("val",),
                                                     None if n_shards == n_all else n_shards):
                 row["zero-shot"][task.name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
