@@ -18,7 +18,8 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
    (the paper's metrics), and the paired difference jaccard - identity (seed-averaged macro
    AUROC) with a bootstrap interval over fold-8 records.
 4. **Supervised baseline**: BCE on the same tower and folds (epoch chosen on fold 7), superclass
-   and rhythm tasks, scored on fold 8 the same way.
+   and rhythm tasks, ``--seeds`` seeds, scored on fold 8 the same way; the paired difference
+   zero-shot (winning targets) - supervised with a bootstrap interval.
 5. **Learning curve** (fold 7 only): the winner (jaccard, first seed) and the supervised baseline
    (last epoch) trained on the first ``--curve-shards`` training shards and on all of them: does
    the gap between zero-shot and supervision close with more records?
@@ -54,6 +55,7 @@ from open_clip_ecg.zeroshot import PromptEmbeddingCache
 
 TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
+SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
 AF = "AFIB"
 
 # Training settings compared on fold 7: what issue #9 found (stored text, bias -4) and each fix.
@@ -233,27 +235,33 @@ class Study:
         return runs
 
     def supervised(self) -> Dict:
+        """The supervised BCE baseline per task and seed (best epoch on fold 7), scored on fold 8:
+        {seed: {task: summary}}; its fold-8 scores are kept for the paired differences."""
         out = {}
-        for task_name in ("ptbxl-super", "ptbxl-rhythm"):
-            checkpoint = os.path.join(self.args.out, "supervised", f"{task_name}.pt")
-            if os.path.exists(checkpoint):
-                model, about = load_supervised(checkpoint)
-                validation = None
-            else:
-                os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-                model, about, validation = train_supervised(
-                    task_name, self.shards, train_split="train", val_data=self.shards, val_split="val",
-                    epochs=self.args.supervised_epochs, lr=self.args.lr, batch_size=self.args.batch_size,
-                    seconds=self.args.crop_seconds, workers=self.args.workers, seed=self.args.seeds[0],
-                    checkpoint_path=checkpoint)
-            if validation is None:  # thresholds always come from fold 7
-                validation = score_supervised(model, get_task(task_name), resolve_shards(self.shards, "val"),
-                                              f"{self.shards} (val)", about, self.args.batch_size, 0)
-            result = evaluate_supervised(model, about, self.shards, split="test", validation=validation,
-                                         n_bootstrap=self.args.bootstrap)
-            out[task_name] = _summary(result.metrics)
+        for seed in self.args.seeds:
+            out[seed], arrays = {}, {}
+            for task_name in SUPERVISED_TASKS:
+                checkpoint = os.path.join(self.args.out, "supervised", f"{task_name}-seed{seed}.pt")
+                if os.path.exists(checkpoint):
+                    model, about = load_supervised(checkpoint)
+                    validation = None
+                else:
+                    os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+                    model, about, validation = train_supervised(
+                        task_name, self.shards, train_split="train", val_data=self.shards, val_split="val",
+                        epochs=self.args.supervised_epochs, lr=self.args.lr, batch_size=self.args.batch_size,
+                        seconds=self.args.crop_seconds, workers=self.args.workers, seed=seed,
+                        checkpoint_path=checkpoint)
+                if validation is None:  # thresholds always come from fold 7
+                    validation = score_supervised(model, get_task(task_name), resolve_shards(self.shards, "val"),
+                                                  f"{self.shards} (val)", about, self.args.batch_size, 0)
+                result = evaluate_supervised(model, about, self.shards, split="test", validation=validation,
+                                             n_bootstrap=self.args.bootstrap)
+                out[seed][task_name] = _summary(result.metrics)
+                arrays[f"{task_name}/y_true"] = result.scores.y_true
+                arrays[f"{task_name}/y_score"] = result.scores.y_score
+            _write_npz(os.path.join(self.cache, f"supervised-seed{seed}.npz"), arrays)
         return out
-
 
     def learning_curve(self, best: Dict, choices: Dict, train: bool = True) -> List[Dict]:
         """Fold-7 macro AUROC against training-set size: zero-shot (the winner, jaccard, first seed)
@@ -286,7 +294,7 @@ class Study:
             for task, scores, _ in self.task_scores(name, setting, "jaccard", a.seeds[0], choices, ("val",),
                                                     None if n_shards == n_all else n_shards):
                 row["zero-shot"][task.name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
-            for task_name in ("ptbxl-super", "ptbxl-rhythm"):
+            for task_name in SUPERVISED_TASKS:
                 checkpoint = os.path.join(a.out, "supervised", f"curve-{task_name}-{n_shards}shards.pt")
                 if os.path.exists(checkpoint):
                     supervised, about = load_supervised(checkpoint)
@@ -312,15 +320,29 @@ def _summary(metrics: Dict) -> Dict:
                           for r in metrics["per_label"]}}
 
 
-def paired_difference(out: str, runs: Dict, a: str, b: str, task_name: str, n_bootstrap: int) -> Dict:
-    """Seed-averaged macro AUROC of targets `a` minus `b` on fold 8, with a paired bootstrap over records."""
-    def scores(targets):
-        loaded = [np.load(os.path.join(out, "scores", f"{name}.npz"))
-                  for name, run in runs.items() if run["targets"] == targets]
+def run_scores(out: str, runs: Dict, targets: str) -> List[str]:
+    """The fold-8 score files of the zero-shot runs with `targets` (one per seed)."""
+    return [os.path.join(out, "scores", f"{name}.npz") for name, run in runs.items() if run["targets"] == targets]
+
+
+def supervised_scores(out: str, seeds) -> List[str]:
+    return [os.path.join(out, "scores", f"supervised-seed{seed}.npz") for seed in seeds]
+
+
+def paired_difference(files_a: List[str], files_b: List[str], task_name: str, n_bootstrap: int) -> Dict:
+    """Seed-averaged macro AUROC of the runs in `files_a` minus those in `files_b` on fold 8, with a
+    paired bootstrap over the fold-8 records (the same resamples for both sides)."""
+    def scores(files):
+        loaded = [np.load(f) for f in files]
+        for d in loaded[1:]:
+            if not np.array_equal(d[f"{task_name}/y_true"], loaded[0][f"{task_name}/y_true"]):
+                raise ValueError(f"{files}: the runs did not score the same fold-8 records in the same order")
         return loaded[0][f"{task_name}/y_true"], [d[f"{task_name}/y_score"] for d in loaded]
 
-    y_true, scores_a = scores(a)
-    _, scores_b = scores(b)
+    y_true, scores_a = scores(files_a)
+    y_true_b, scores_b = scores(files_b)
+    if not np.array_equal(y_true, y_true_b):
+        raise ValueError(f"{files_a[0]} and {files_b[0]} did not score the same fold-8 records in the same order")
     weights = M.bootstrap_weights(len(y_true), n_bootstrap, seed=0)
     thresholds = np.full(y_true.shape[1], 0.5)
 
@@ -333,7 +355,7 @@ def paired_difference(out: str, runs: Dict, a: str, b: str, task_name: str, n_bo
     replicates = macro(scores_a, weights) - macro(scores_b, weights)
     low, high = np.nanpercentile(replicates, [2.5, 97.5])
     return {"difference": observed, "interval": [float(low), float(high)], "n_bootstrap": n_bootstrap,
-            "seeds": len(scores_a)}
+            "seeds": [len(scores_a), len(scores_b)]}
 
 
 def _mean_sd(values: List[float]) -> str:
@@ -390,26 +412,32 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
                       _mean_sd([r["tasks"][t]["headline"]["jaccard_samples"] for r in rs])]
         lines.append(f"| {targets} | " + " | ".join(cells) + " |")
     if supervised:
-        cells = [f"{supervised[t]['headline']['macro_auroc']:.3f}" if t in supervised else "–" for t in TASKS]
-        af = supervised["ptbxl-rhythm"]["per_label"].get(AF, {}).get("auroc")
-        s = supervised["ptbxl-super"]["headline"]
-        lines.append("| supervised BCE | " + " | ".join(cells) + f" | {'n/a' if af is None else f'{af:.3f}'} | "
-                     f"{s['micro_f1']:.3f} | {s['jaccard_samples']:.3f} | – | – |")
-    lines += ["", "Paper (Takahashi et al. 2026, their data): micro-F1 0.503, sample Jaccard 0.350.", "",
-              "## Paired difference jaccard − identity (seed-averaged macro AUROC, fold 8, 95% bootstrap)", "",
-              "| task | difference | 95% interval |", "|---|---|---|"]
-    for task_name, d in differences.items():
-        lines.append(f"| {task_name} | {d['difference']:+.3f} | [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] |")
+        seeds = list(supervised.values())
+
+        def sup(task_name, value):
+            return _mean_sd([value(seed[task_name]) for seed in seeds])
+        cells = [sup(t, lambda r: r["headline"]["macro_auroc"]) if t in SUPERVISED_TASKS else "–" for t in TASKS]
+        cells.append(sup("ptbxl-rhythm", lambda r: r["per_label"].get(AF, {}).get("auroc")))
+        cells += [sup("ptbxl-super", lambda r: r["headline"]["micro_f1"]),
+                  sup("ptbxl-super", lambda r: r["headline"]["jaccard_samples"]), "–", "–"]
+        lines.append(f"| supervised BCE, {len(seeds)} seed(s) | " + " | ".join(cells) + " |")
+    lines += ["", "Paper (Takahashi et al. 2026, their data): micro-F1 0.503, sample Jaccard 0.350.", ""]
+    for what, by_task in differences.items():
+        lines += [f"## Paired difference {what} (seed-averaged macro AUROC, fold 8, 95% bootstrap)", "",
+                  "| task | difference | 95% interval |", "|---|---|---|"]
+        for task_name, d in by_task.items():
+            lines.append(f"| {task_name} | {d['difference']:+.3f} | "
+                         f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}] |")
+        lines.append("")
     lines += [""] + curve_table(list(curve))
     lines += ["## Per label (fold 8, AUROC, mean over seeds of the winning targets)", ""]
     winner_runs = [r for r in runs.values() if r["targets"] == args.targets[0]]
-    for task_name in ("ptbxl-super", "ptbxl-rhythm"):
+    for task_name in SUPERVISED_TASKS:
         lines += [f"### {task_name}", "", "| label | n+ | zero-shot | supervised |", "|---|---|---|---|"]
         for code, row in winner_runs[0]["tasks"][task_name]["per_label"].items():
             values = [r["tasks"][task_name]["per_label"][code]["auroc"] for r in winner_runs]
-            sup = supervised.get(task_name, {}).get("per_label", {}).get(code, {}).get("auroc")
-            lines.append(f"| {code} | {row['n_positive']} | {_mean_sd(values)} | "
-                         f"{'n/a' if sup is None else f'{sup:.3f}'} |")
+            sup = [seed[task_name]["per_label"].get(code, {}).get("auroc") for seed in supervised.values()]
+            lines.append(f"| {code} | {row['n_positive']} | {_mean_sd(values)} | {_mean_sd(sup)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -473,9 +501,15 @@ def main(argv=None) -> int:
         return 0
     differences = {}
     if {"jaccard", "identity"} <= set(args.targets):
-        differences = {t: paired_difference(args.out, runs, "jaccard", "identity", t, args.bootstrap) for t in TASKS}
+        differences["jaccard − identity"] = {
+            t: paired_difference(run_scores(args.out, runs, "jaccard"), run_scores(args.out, runs, "identity"), t,
+                                 args.bootstrap) for t in TASKS}
+    if supervised:
+        differences[f"{args.targets[0]} zero-shot − supervised"] = {
+            t: paired_difference(run_scores(args.out, runs, args.targets[0]), supervised_scores(args.out, args.seeds),
+                                 t, args.bootstrap) for t in SUPERVISED_TASKS}
     result = {"selection_best": best, "choices": choices, "runs": runs, "supervised": supervised, "learning_curve": curve,
-              "jaccard_minus_identity": differences, "options": {k: v for k, v in vars(args).items()}}
+              "paired_differences": differences, "options": {k: v for k, v in vars(args).items()}}
     write_json_atomic(os.path.join(args.out, "study.json"), result, indent=2)
     table = write_tables(args.out, selection, runs, supervised, differences, args, curve)
     write_text_atomic(os.path.join(args.out, "study.md"), table)

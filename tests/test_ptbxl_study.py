@@ -28,12 +28,17 @@ def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     assert {run["targets"] for run in result["runs"].values()} == {"jaccard", "identity"}
     for run in result["runs"].values():
         assert set(run["tasks"]) == {"ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"}
-    assert set(result["supervised"]) == {"ptbxl-super", "ptbxl-rhythm"}
-    for task, difference in result["jaccard_minus_identity"].items():
-        low, high = difference["interval"]
-        assert low <= high and -1 <= difference["difference"] <= 1, task
+    assert set(result["supervised"]["0"]) == {"ptbxl-super", "ptbxl-rhythm"}  # per seed, per task
+    differences = result["paired_differences"]
+    assert set(differences["jaccard − identity"]) == set(run["tasks"])
+    assert set(differences["jaccard zero-shot − supervised"]) == {"ptbxl-super", "ptbxl-rhythm"}
+    for what, by_task in differences.items():
+        for task, difference in by_task.items():
+            low, high = difference["interval"]
+            assert low <= high and -1 <= difference["difference"] <= 1, (what, task)
     table = (out / "study.md").read_text()
-    assert "Selection on fold 7" in table and "| supervised BCE |" in table and "Paired difference" in table
+    assert "Selection on fold 7" in table and "| supervised BCE, 1 seed(s) |" in table
+    assert "Paired difference jaccard − identity" in table and "Paired difference jaccard zero-shot − supervised" in table
     curve = result["learning_curve"]  # the first training shard, then all of them
     assert [row["n_shards"] for row in curve] == sorted(row["n_shards"] for row in curve) and len(curve) == 2
     assert curve[0]["n_records"] < curve[1]["n_records"]
