@@ -30,6 +30,7 @@ Every step is resumable: finished trainings, embeddings and scores are reused on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -47,11 +48,10 @@ from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
 from open_clip_ecg.factory import load_model
-from open_clip_ecg.scoring import (AGGREGATIONS, PROMPT_NAMES, SCORINGS, ScoringRules, TaskScorer, choose_thresholds,
-                                   summarize)
+from open_clip_ecg.evaluate import choose_on_validation
+from open_clip_ecg.scoring import ALL_SCORING_RULES, ScoringRules, TaskScorer, choose_thresholds, summarize
 from open_clip_ecg.tasks import get_task
 from open_clip_ecg.train import main as train_main
-from open_clip_ecg.zeroshot import PromptEmbeddingCache
 
 TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
@@ -127,12 +127,12 @@ class Study:
         return checkpoint
 
     # ---------------------------------------------------------------- scoring
-    def embeddings(self, name: str, model_name: str, checkpoint: str):
+    def embeddings(self, model_name: str, checkpoint: str):
         """ECG embeddings of folds 7 and 8 (computed once per checkpoint) and the loaded model."""
         model, tokenizer = load_model(model_name, checkpoint)
         embedded = {split: embed_shards(model, resolve_shards(self.shards, split), batch_size=64)
                     for split in ("val", "test")}
-        return PromptEmbeddingCache(model), tokenizer, embedded
+        return model, tokenizer, embedded
 
     def evaluate(self, model, tokenizer, embedded, task_name: str, rules: ScoringRules, splits=("val", "test")):
         """{split: LabelledScores} of one task under `rules`."""
@@ -166,22 +166,19 @@ class Study:
             setting = {**BASE, **change}
             run = f"{name}-jaccard-seed{self.args.seeds[0]}"
             self.train(run, setting, "jaccard", self.args.seeds[0])
+            epochs = {self.checkpoint(run, epoch): epoch for epoch in self.args.select_epochs}
+            _, candidates = choose_on_validation(setting["model"], list(epochs), self.shards, "val", TASKS,
+                                                 self.args.rules_grid)
             setting_rows = []
-            for epoch, (names, aggregate, scoring) in itertools.product(self.args.select_epochs,
-                                                                         self.args.rules_grid):
-                if not setting_rows or setting_rows[-1]["epoch"] != epoch:
-                    model, tokenizer, embedded = self.embeddings(name, setting["model"], self.checkpoint(run, epoch))
-                rules = ScoringRules(names, aggregate, scoring)
-                aurocs = {}
-                for task_name in TASKS:
-                    _, scores, _ = self.evaluate(model, tokenizer, embedded, task_name, rules, ("val",))
-                    aurocs[task_name] = M.macro_auroc(scores["val"].y_true, scores["val"].y_score)
-                setting_rows.append({"setting": name, **setting, "epoch": epoch, "names": names, "aggregate": aggregate,
-                                     "scoring": scoring, "fold7_macro_auroc": aurocs,
-                                     "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None])),
-                                     "logit_scale": float(model.logit_scale.exp().detach()),
-                                     "logit_bias": float(model.logit_bias.detach())})
-                print(f"fold 7 {name:30s} epoch {epoch:3d} {names:10s} {aggregate:8s} {scoring:8s} "
+            # candidates come checkpoint by checkpoint, rules by rules, one row per task
+            for (checkpoint, *rules), group in itertools.groupby(
+                    candidates, key=lambda c: (c["checkpoint"], c["names"], c["aggregate"], c["scoring"])):
+                aurocs = {c["task"]: c["val_macro_auroc"] for c in group}
+                setting_rows.append({"setting": name, **setting, "epoch": epochs[checkpoint],
+                                     **dict(zip(("names", "aggregate", "scoring"), rules)),
+                                     "fold7_macro_auroc": aurocs,
+                                     "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None]))})
+                print(f"fold 7 {name:30s} epoch {epochs[checkpoint]:3d} {' '.join(rules):30s} "
                       f"mean {setting_rows[-1]['fold7_mean']:.3f}", flush=True)
             write_json_atomic(path, setting_rows, indent=2)
             rows += setting_rows
@@ -204,7 +201,7 @@ class Study:
             choice = choices[task_name]
             if choice["epoch"] not in loaded:
                 checkpoint = self.train(name, setting, targets, seed, n_shards, choice["epoch"])
-                loaded[choice["epoch"]] = self.embeddings(name, setting["model"], checkpoint)
+                loaded[choice["epoch"]] = self.embeddings(setting["model"], checkpoint)
             model, tokenizer, embedded = loaded[choice["epoch"]]
             rules = ScoringRules(choice["names"], choice["aggregate"], choice["scoring"])
             yield self.evaluate(model, tokenizer, embedded, task_name, rules, splits)
@@ -484,8 +481,8 @@ def main(argv=None) -> int:
     if not 1 <= args.select_epochs[0] <= args.select_epochs[-1] <= args.epochs:
         parser.error(f"--select-epochs must lie between 1 and --epochs ({args.epochs}): {args.select_epochs}")
     args.selection = {name: SELECTION[name] for name in args.settings}
-    args.rules_grid = (list(itertools.product(PROMPT_NAMES, AGGREGATIONS, SCORINGS)) if not args.quick
-                       else [("name", "prompt", "sigmoid"), ("name", "noisy-or", "contrast")])
+    args.rules_grid = (ALL_SCORING_RULES if not args.quick
+                       else [ScoringRules("name", "prompt", "sigmoid"), ScoringRules("name", "noisy-or", "contrast")])
 
     study = Study(args)
     study.write_shards()
@@ -509,7 +506,7 @@ def main(argv=None) -> int:
             t: paired_difference(run_scores(args.out, runs, args.targets[0]), supervised_scores(args.out, args.seeds),
                                  t, args.bootstrap) for t in SUPERVISED_TASKS}
     result = {"selection_best": best, "choices": choices, "runs": runs, "supervised": supervised, "learning_curve": curve,
-              "paired_differences": differences, "options": {k: v for k, v in vars(args).items()}}
+              "paired_differences": differences, "options": {**vars(args), "rules_grid": [dataclasses.asdict(rules) for rules in args.rules_grid]}}
     write_json_atomic(os.path.join(args.out, "study.json"), result, indent=2)
     table = write_tables(args.out, selection, runs, supervised, differences, args, curve)
     write_text_atomic(os.path.join(args.out, "study.md"), table)
