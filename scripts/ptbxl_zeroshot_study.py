@@ -59,7 +59,8 @@ SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
 AF = "AFIB"
 
 # Training settings compared on fold 7: what issue #9 found (stored text, bias -4) and each fix.
-BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "logit_lr_mult": 1, "lock_text": False}
+BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "logit_lr_mult": 1, "lock_text": False,
+        "finding_texts": "off"}
 SELECTION = {
     "stored-text": {},
     "sampled-text": {"text": "sampled"},
@@ -68,7 +69,16 @@ SELECTION = {
     # MiniLM instead of the built-in transformer from scratch, trained and locked.
     "minilm+sampled-text": {"model": "ECG-RN18-MiniLM", "text": "sampled"},
     "minilm-locked+sampled-text": {"model": "ECG-RN18-MiniLM", "text": "sampled", "lock_text": True},
+    # Every ECG also meets one text per finding in every step (--ecg-finding-texts), Jaccard or
+    # membership targets: the lever tried against the superclass gap to supervision.
+    "sampled-text+finding-texts": {"text": "sampled", "finding_texts": "jaccard"},
+    "sampled-text+finding-texts-contains": {"text": "sampled", "finding_texts": "contains"},
 }
+
+
+def setting_of(row: Dict) -> Dict:
+    """The training setting of a selection row (rows cached before a BASE key existed take its default)."""
+    return {key: row.get(key, default) for key, default in BASE.items()}
 
 
 def _write_npz(path: str, arrays: Dict) -> None:
@@ -119,7 +129,8 @@ class Study:
                  "--save-frequency", str(math.gcd(a.epochs, *a.select_epochs)),
                  "--ecg-targets", targets, "--ecg-seconds", str(a.crop_seconds),
                  "--ecg-text", setting["text"], "--ecg-init-logit-bias", str(setting["bias"]),
-                 "--ecg-logit-lr-mult", str(setting["logit_lr_mult"])]
+                 "--ecg-logit-lr-mult", str(setting["logit_lr_mult"]),
+                 "--ecg-finding-texts", setting["finding_texts"]]
         if setting["lock_text"]:
             flags.append("--lock-text")
         if train_main(flags) != 0:
@@ -209,7 +220,7 @@ class Study:
     def seeds(self, best: Dict, choices: Dict) -> Dict:
         """Every target x seed with the winner's setting and per-task choices, scored on fold 8 once
         (scores are cached with the choices they were made under)."""
-        setting = {k: best[k] for k in BASE}
+        setting = setting_of(best)
         runs = {}
         for targets, seed in itertools.product(self.args.targets, self.args.seeds):
             name = f"{best['setting']}-{targets}-seed{seed}"
@@ -268,7 +279,7 @@ class Study:
         With ``train=False`` (a report without the curve stage) only the points already measured.
         """
         a = self.args
-        setting = {k: best[k] for k in BASE}
+        setting = setting_of(best)
         n_all = len(self.train_shards())
         rows = []
         for n_shards in sorted(set(a.curve_shards) | {n_all}):

@@ -213,3 +213,74 @@ def test_mean_pair_target_by_hand():
     assert mean_pair_target(labels, "exact", 4) == pytest.approx((1 + 3 / 3) / 4)
     with pytest.raises(ValueError):
         mean_pair_target(labels, "nope", 4)
+
+
+def test_finding_text_targets_by_hand():
+    """ECG x finding-text pairs: Jaccard of the ECG's set with {f}, or membership (`contains`)."""
+    from open_clip_ecg.loss import contained_targets
+
+    #                       findings: 0  1  2
+    labels = torch.tensor([[1, 1, 0],  # {0, 1}
+                           [0, 0, 1],  # {2}
+                           [0, 0, 0]], dtype=torch.float64)  # {}
+    statements = torch.eye(3, dtype=torch.float64)
+    assert torch.equal(jaccard_targets(labels, statements),
+                       torch.tensor([[0.5, 0.5, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64))
+    assert torch.equal(contained_targets(labels, statements),
+                       torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64))
+    assert contained_targets(labels, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+                             ).tolist() == [[1, 1], [0, 1], [0, 1]]  # {0, 1} in {0, 1} only; {} in every set
+
+
+@pytest.mark.parametrize("finding_targets, targets", [
+    ("jaccard", [[0.5, 0.5, 0], [0, 0, 1], [0, 0, 0]]),
+    ("contains", [[1, 1, 0], [0, 0, 1], [0, 0, 0]]),
+])
+def test_finding_text_loss_against_a_hand_computed_bce(finding_targets, targets):
+    """finding_text_loss = sum of BCE(scale * <x_i, f_k> + bias, t_ik) / B, reported beside the pair
+    loss; the finding texts given twice (--accum-freq copies) give the same term."""
+    generator = torch.Generator().manual_seed(1)
+    image = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1)
+    findings = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    expected = 0.0
+    for i in range(3):
+        for k in range(3):
+            z = float(scale * image[i] @ findings[k] + bias)
+            t = targets[i][k]
+            expected += (t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z)) / 3
+    loss_fn = MultiLabelSigLipLoss(finding_targets=finding_targets)
+    out = loss_fn(image, text, scale, bias, labels=labels, finding_features=findings, output_dict=True)
+    assert set(out) == {"contrastive_loss", "finding_text_loss"}
+    assert float(out["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+    without = MultiLabelSigLipLoss()(image, text, scale, bias, labels=labels)
+    assert torch.equal(out["contrastive_loss"], without)
+    assert float(loss_fn(image, text, scale, bias, labels=labels, finding_features=findings)) == pytest.approx(
+        float(without + out["finding_text_loss"]), rel=1e-12)
+    twice = loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.cat([findings, findings]),
+                    output_dict=True)
+    assert float(twice["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+    identity = MultiLabelSigLipLoss(targets="identity", finding_targets=finding_targets)
+    assert float(identity(image, text, scale, bias, labels=labels, finding_features=findings,
+                          output_dict=True)["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_finding_features_that_do_not_fit_are_refused():
+    image, text, labels = random_batch(batch=4, n_labels=5, dtype=torch.float32)
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    loss_fn = MultiLabelSigLipLoss(finding_targets="jaccard")
+    with pytest.raises(ValueError, match=r"finding_features must be \[k x 5 findings, 6\].*got \(7, 6\)"):
+        loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.randn(7, 6))
+    with pytest.raises(ValueError, match=r"got \(5, 3\)"):
+        loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="exactly when the loss has finding_targets"):
+        loss_fn(image, text, scale, bias, labels=labels)
+    with pytest.raises(ValueError, match="exactly when the loss has finding_targets"):
+        MultiLabelSigLipLoss()(image, text, scale, bias, labels=labels, finding_features=torch.randn(5, 6))
+    with pytest.raises(ValueError, match="finding_targets='jaccard' needs labels"):
+        MultiLabelSigLipLoss(targets="identity", finding_targets="jaccard")(
+            image, text, scale, bias, finding_features=torch.randn(5, 6))
+    with pytest.raises(ValueError, match="finding_targets must be None or one of"):
+        MultiLabelSigLipLoss(finding_targets="membership")

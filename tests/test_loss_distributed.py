@@ -12,6 +12,9 @@ local feature gradients are the matching rows of d(sum_r loss_r)/d(features) = W
 logit_scale/bias are per-rank replicas: their gradients summed over ranks (what DDP all-reduces)
 equal W * dL_full/d(scale, bias).
 
+Finding texts (``finding_targets``) are encoded on every rank and paired with the local ECGs only;
+the same relation holds for them, their gradients summed over ranks like scale/bias.
+
 One spawn per world size runs every dist_impl x target mode. At W = 2 bidir is only its one-way
 remainder hop; W = 3 runs its two-way hop and a two-hop shift, so both together cover every branch.
 """
@@ -28,6 +31,7 @@ from open_clip_ecg.loss import MultiLabelSigLipLoss
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 TARGET_MODES = ("jaccard", "exact", "identity")
+FINDINGS = "jaccard+finding-texts"  # jaccard pairs plus the per-rank finding-text term
 LOCAL_BATCH, DIM, N_LABELS = 3, 8, 4
 SCALE, BIAS = 6.0, -2.0
 TIMEOUT_S = 180
@@ -46,13 +50,23 @@ def global_batch(world_size):
     return image, text, labels
 
 
+def finding_features():
+    """One embedded finding text per label, the same on every rank (each rank encodes them itself)."""
+    generator = torch.Generator().manual_seed(99)
+    return F.normalize(torch.randn(N_LABELS, DIM, generator=generator, dtype=torch.float64), dim=-1)
+
+
 def compute_loss_and_grads(image, text, labels, loss_fn):
     image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
     scale = torch.tensor(SCALE, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(BIAS, dtype=torch.float64, requires_grad=True)
-    loss = loss_fn(image, text, scale, bias, labels=labels)
+    findings = finding_features().requires_grad_(True) if loss_fn.finding_targets else None
+    loss = loss_fn(image, text, scale, bias, labels=labels, finding_features=findings)
     loss.backward()
-    return {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": scale.grad, "bias": bias.grad}
+    grads = {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": scale.grad, "bias": bias.grad}
+    if findings is not None:  # replicas, like scale/bias: DDP sums the text tower's gradients over ranks
+        grads["findings"] = findings.grad
+    return grads
 
 
 def _worker(rank, world_size, init_file, out_dir):
@@ -67,6 +81,8 @@ def _worker(rank, world_size, init_file, out_dir):
             for mode in TARGET_MODES:
                 loss_fn = MultiLabelSigLipLoss(rank=rank, world_size=world_size, dist_impl=impl, targets=mode)
                 results[f"{impl}/{mode}"] = compute_loss_and_grads(image[rows], text[rows], labels[rows], loss_fn)
+            loss_fn = MultiLabelSigLipLoss(rank=rank, world_size=world_size, dist_impl=impl, finding_targets="jaccard")
+            results[f"{impl}/{FINDINGS}"] = compute_loss_and_grads(image[rows], text[rows], labels[rows], loss_fn)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -94,8 +110,10 @@ def run_workers(world_size, tmp_path):
 def test_every_dist_impl_and_target_mode_matches_single_process(world_size, tmp_path):
     image, text, labels = global_batch(world_size)
     per_rank = run_workers(world_size, tmp_path)
-    for mode in TARGET_MODES:
-        full = compute_loss_and_grads(image, text, labels, MultiLabelSigLipLoss(targets=mode))
+    for mode in (*TARGET_MODES, FINDINGS):
+        loss_fn = (MultiLabelSigLipLoss(finding_targets="jaccard") if mode == FINDINGS
+                   else MultiLabelSigLipLoss(targets=mode))
+        full = compute_loss_and_grads(image, text, labels, loss_fn)
         for impl in DIST_IMPLS:
             ranks = [results[f"{impl}/{mode}"] for results in per_rank]
             where = f"dist_impl={impl}, targets={mode}, world_size={world_size}"
@@ -104,7 +122,7 @@ def test_every_dist_impl_and_target_mode_matches_single_process(world_size, tmp_
             for key in ("image", "text"):
                 torch.testing.assert_close(
                     torch.cat([r[key] for r in ranks]), world_size * full[key], msg=lambda m: f"{key} grad, {where}: {m}")
-            for key in ("scale", "bias"):
+            for key in ("scale", "bias", "findings")[:3 if mode == FINDINGS else 2]:
                 torch.testing.assert_close(
                     sum(r[key] for r in ranks), world_size * full[key], msg=lambda m: f"{key} grad, {where}: {m}")
 

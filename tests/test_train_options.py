@@ -120,3 +120,26 @@ def test_every_rejected_flag_fails_in_one_line_with_its_advice(synthetic_shards,
     assert status == 2, err[-2000:]
     assert f"{option}: {REJECTED_FLAGS[flag]}" in err
     assert "Traceback" not in err and not (tmp_path / "rejected").exists()  # refused before open_clip starts
+
+
+@pytest.mark.parametrize("finding_texts, extra", [("jaccard", ["--accum-freq", "2"]), ("contains", [])])
+def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synthetic_shards, tmp_path,
+                                                                           finding_texts, extra):
+    """--ecg-finding-texts: every step embeds one text per vocabulary finding and the loss gains a
+    finding_text_loss term (also with --accum-freq, which concatenates each micro-batch's copy)."""
+    run = tmp_path / finding_texts
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, finding_texts, "--ecg-finding-texts", finding_texts,
+                                     "--log-every-n-steps", "1", "--val-frequency", "0", "--zeroshot-frequency",
+                                     "0", *extra)]) == 0
+    log = (run / "out.log").read_text()
+    n_findings = len(json.loads((synthetic_shards / "vocabulary.json").read_text()))
+    assert f"meets {n_findings} finding texts per step, {finding_texts} targets" in log
+    losses = [float(v) for v in re.findall(r"Finding_text_loss: ([\d.]+)", log)]
+    assert losses and all(np.isfinite(losses)) and min(losses) > 0
+    assert ecg_options_logged(run)["ecg_finding_texts"] == finding_texts
+
+
+def test_finding_texts_cannot_come_from_a_text_cache(synthetic_shards, tmp_path, capsys):
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "cached", "--ecg-finding-texts", "jaccard",
+                                     "--ecg-text-cache", str(tmp_path / "no-cache"))]) == 2
+    assert "--ecg-finding-texts composes new texts every step" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import open_clip_ecg  # noqa: F401  (registers the ECG configs)
 from open_clip_ecg.data.record import RecordEntry
 from open_clip_ecg.data.text import (
     FINDING_TEMPLATES,
+    FindingTexts,
     TrainingTextSampler,
     make_text,
     token_count,
@@ -83,3 +84,20 @@ def test_sampler_is_reproducible_with_a_seed_and_differs_per_torch_seed():
 def test_sampler_rejects_bad_weights(weights):
     with pytest.raises(ValueError, match="text weights"):
         TrainingTextSampler(NAMES, weights=weights)
+
+
+def test_finding_texts_name_one_finding_per_row_in_varying_phrasings():
+    """--ecg-finding-texts: row i states finding i alone, in a template a zero-shot prompt also uses."""
+    finding_texts = FindingTexts([*NAMES[:3], "sinus rhythm."], seed=0)
+    assert len(finding_texts) == 4
+    draws = [finding_texts() for _ in range(50)]
+    for texts in draws:
+        assert len(texts) == 4
+        for text, name in zip(texts, NAMES):
+            assert name in text and any(template.format(name) == text for template in FINDING_TEMPLATES)
+            assert not any(other in text for other in NAMES if other != name and other not in name)
+    assert len({texts[1] for texts in draws}) > 3  # phrased afresh on each call
+    again = FindingTexts(NAMES, seed=0)
+    assert draws == [again() for _ in range(50)]  # reproducible with a seed
+    with pytest.raises(ValueError, match="at least one finding"):
+        FindingTexts([])

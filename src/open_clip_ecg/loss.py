@@ -22,6 +22,18 @@ in the same message, so cross-device pairs get their true targets (``SigLipLoss`
 to 0). The exchange uses open_clip's own neighbour-exchange helpers and autograd collectives.
 Per-rank losses then sum to ``world_size`` x the single-process loss of the concatenated batch.
 All ranks must use the same local batch size and label vocabulary.
+
+Finding texts (``finding_targets``, ``--ecg-finding-texts``): besides the batch's own texts, each
+ECG can also be paired with one short text per vocabulary finding ("an ECG showing {finding}."),
+the question a zero-shot prompt asks. Their target is the Jaccard score of the ECG's set with the
+singleton {f} (``"jaccard"``: 1/|L_i| if f is in L_i, else 0; the same targets the batch's texts
+get) or plain membership (``"contains"``: 1 if f is in L_i). Pairing images with label-name texts
+is what knowledge-enhanced models such as KAD (Zhang et al., 2023) train on; here it is an extra
+term ``finding_text_loss`` (sum over the ECG x finding pairs / B, like the pair term) reported
+beside ``contrastive_loss``. Every rank encodes the same finding texts, so this term needs no
+exchange. ``finding_features`` may hold the finding texts several times over (open_clip's
+``--accum-freq`` concatenates every micro-batch's copy); each copy is one block of pairs and the
+copies are averaged.
 """
 from typing import Optional
 
@@ -65,7 +77,14 @@ def exact_match_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch
     return (intersection == union).to(intersection.dtype)
 
 
+def contained_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """1 where row b's findings are all among row a's (B ⊆ A; an empty B is in every A), else 0."""
+    intersection = labels_a @ labels_b.T
+    return (intersection == labels_b.sum(1)).to(intersection.dtype)
+
+
 _TARGET_FNS = {"jaccard": jaccard_targets, "exact": exact_match_targets}
+FINDING_TARGETS = {"jaccard": jaccard_targets, "contains": contained_targets}
 
 
 def mean_pair_target(labels: torch.Tensor, targets: str, batch_size: int) -> float:
@@ -95,6 +114,8 @@ class MultiLabelSigLipLoss(SigLipLoss):
         cache_labels, rank, world_size, dist_impl: as ``open_clip.loss.SigLipLoss``.
         targets: ``"jaccard"`` (soft Jaccard targets, default), ``"exact"`` (1 iff equal finding
             sets) or ``"identity"`` (plain SigLIP; labels are then not needed and ignored).
+        finding_targets: None (default: no finding texts), ``"jaccard"`` or ``"contains"``: the
+            targets of ECG x finding-text pairs when ``finding_features`` are passed.
     """
 
     def __init__(
@@ -104,26 +125,45 @@ class MultiLabelSigLipLoss(SigLipLoss):
             world_size: int = 1,
             dist_impl: Optional[str] = None,
             targets: str = "jaccard",
+            finding_targets: Optional[str] = None,
     ):
         super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
         if targets not in TARGET_MODES:
             raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
+        if finding_targets is not None and finding_targets not in FINDING_TARGETS:
+            raise ValueError(f"finding_targets must be None or one of {tuple(FINDING_TARGETS)}, got {finding_targets!r}")
         self.targets = targets
+        self.finding_targets = finding_targets
 
-    def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor) -> torch.Tensor:
-        """Soft targets ``[n_image, n_text]`` in [0, 1] for one block of pairs."""
+    def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor, target_fn=None) -> torch.Tensor:
+        """Soft targets ``[n_image, n_text]`` in [0, 1] for one block of pairs (by ``targets``
+        unless `target_fn` is given)."""
         # At least float32 whatever autocast would pick: bf16 counts are exact only up to 256 and
         # bf16 would round the scores themselves.
         dtype = torch.promote_types(image_labels.dtype, torch.float32)
+        target_fn = target_fn or _TARGET_FNS[self.targets]
         with torch.autocast(device_type=image_labels.device.type, enabled=False):
-            return _TARGET_FNS[self.targets](image_labels.to(dtype), text_labels.to(dtype))
+            return target_fn(image_labels.to(dtype), text_labels.to(dtype))
 
-    def _block_loss(self, image_features, text_features, image_labels, text_labels, logit_scale, logit_bias):
+    def _block_loss(self, image_features, text_features, image_labels, text_labels, logit_scale, logit_bias,
+                    target_fn=None):
         logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
         # The BCE runs in at least float32: soft targets like 1/3 would be rounded in bf16.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        targets = self.get_targets(image_labels, text_labels).to(logits.dtype)
+        targets = self.get_targets(image_labels, text_labels, target_fn).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / image_features.shape[0]
+
+    def finding_text_loss(self, image_features, finding_features, labels, logit_scale, logit_bias):
+        """The ECG x finding-text term: ``finding_features`` row ``k * n_labels + f`` states finding f."""
+        n_labels = labels.shape[1]
+        copies, rest = divmod(finding_features.shape[0], n_labels)
+        if finding_features.ndim != 2 or rest or not copies or finding_features.shape[1] != image_features.shape[1]:
+            raise ValueError(f"finding_features must be [k x {n_labels} findings, {image_features.shape[1]}] "
+                             f"(one text per label, k copies), got {tuple(finding_features.shape)}")
+        stated = torch.eye(n_labels, dtype=labels.dtype, device=labels.device).repeat(copies, 1)
+        loss = self._block_loss(image_features, finding_features, labels, stated, logit_scale, logit_bias,
+                                FINDING_TARGETS[self.finding_targets])
+        return loss / copies
 
     def forward(
             self,
@@ -134,17 +174,33 @@ class MultiLabelSigLipLoss(SigLipLoss):
             labels: Optional[torch.Tensor] = None,
             text_labels: Optional[torch.Tensor] = None,
             output_dict: bool = False,
+            *,
+            finding_features: Optional[torch.Tensor] = None,
     ):
         """`labels` are the ECGs' findings; `text_labels` the findings each text states (default:
-        `labels`; they differ when training texts name a subset of a record's findings)."""
+        `labels`; they differ when training texts name a subset of a record's findings);
+        `finding_features` the embedded finding texts (see the module docstring)."""
         _check_features(image_features, text_features)
+        losses = {"contrastive_loss": self._pair_loss(image_features, text_features, logit_scale, logit_bias,
+                                                      labels, text_labels)}
+        if (finding_features is None) != (self.finding_targets is None):
+            raise ValueError("finding_features must be passed exactly when the loss has finding_targets "
+                             f"(finding_targets={self.finding_targets!r})")
+        if finding_features is not None:
+            _check_labels(labels, image_features.shape[0], f"finding_targets={self.finding_targets!r}")
+            losses["finding_text_loss"] = self.finding_text_loss(
+                image_features, finding_features, labels.to(finding_features.dtype), logit_scale, logit_bias)
+        return losses if output_dict else sum(losses.values())
+
+    def _pair_loss(self, image_features, text_features, logit_scale, logit_bias, labels, text_labels):
+        """The SigLIP term over every ECG x batch-text pair, across ranks."""
         if self.targets == "identity":
-            return super().forward(image_features, text_features, logit_scale, logit_bias, output_dict=output_dict)
-        _check_labels(labels, image_features.shape[0], self.targets)
+            return super().forward(image_features, text_features, logit_scale, logit_bias)
+        _check_labels(labels, image_features.shape[0], f"targets={self.targets!r}")
         if text_labels is None:
             text_labels = labels
         else:
-            _check_labels(text_labels, image_features.shape[0], self.targets)
+            _check_labels(text_labels, image_features.shape[0], f"targets={self.targets!r}")
             if text_labels.shape != labels.shape:
                 raise ValueError(f"text_labels {tuple(text_labels.shape)} and labels {tuple(labels.shape)} "
                                  "must have the same [batch, n_labels] shape")
@@ -159,7 +215,7 @@ class MultiLabelSigLipLoss(SigLipLoss):
             for received in self._exchange(payload):
                 loss = loss + self._block_loss(
                     image_features, received[:, :dim], labels, received[:, dim:], logit_scale, logit_bias)
-        return {"contrastive_loss": loss} if output_dict else loss
+        return loss
 
     def _exchange(self, payload: torch.Tensor):
         """Yield every other rank's ``[text | labels]`` payload, once each, via ``dist_impl``.
@@ -212,10 +268,10 @@ def _check_features(image_features, text_features):
             "must have the same [batch, embed_dim] shape")
 
 
-def _check_labels(labels, batch_size, targets):
+def _check_labels(labels, batch_size, needed_by: str):
     expected = f"a [batch={batch_size}, n_labels] multi-hot tensor of 0/1 (bool, integer or float)"
     if labels is None:
-        raise ValueError(f"targets={targets!r} needs labels: {expected}")
+        raise ValueError(f"{needed_by} needs labels: {expected}")
     if not isinstance(labels, torch.Tensor):
         raise ValueError(f"labels must be {expected}, got {type(labels).__name__}")
     if labels.ndim != 2 or labels.shape[0] != batch_size:

@@ -14,6 +14,7 @@ seam                                        why
 ``open_clip_train.main.create_model_and_…`` give the model a forward that unpacks the labels
                                             carried with the text and returns them as
                                             ``labels`` (accumulation caches them like features),
+                                            plus the embedded ``--ecg-finding-texts``,
                                             and a lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -52,7 +54,14 @@ import torch
 
 from . import compat
 from .atomic import remove_stale_temps, write_atomic
-from .data.text import SAMPLED_TEXT_KINDS, TrainingTextSampler, compose_label_text, token_count, truncation_counts
+from .data.text import (
+    SAMPLED_TEXT_KINDS,
+    FindingTexts,
+    TrainingTextSampler,
+    compose_label_text,
+    token_count,
+    truncation_counts,
+)
 from .data.pipeline import (
     ECGSamplePreparer,
     expand_shards,
@@ -66,7 +75,7 @@ from .data.manifest import read_shard_info
 from .embed import crop_length
 from .factory import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
-from .loss import TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
+from .loss import FINDING_TARGETS, TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
 from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
 from .registry import list_ecg_models, register_ecg_text_model
 from .scoring import ScoringRules, TaskScorer
@@ -131,6 +140,10 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                        help="--ecg-text sampled: how often each kind of text is drawn: the report, all "
                             "findings in random order, a random subset of the findings, findings then "
                             "report (default 0.25 each)")
+    group.add_argument("--ecg-finding-texts", choices=("off", *FINDING_TARGETS), default="off",
+                       help="also pair every ECG with one text per vocabulary finding ('an ECG showing "
+                            "{finding}.') in every step, with Jaccard targets (1/|findings| when the ECG "
+                            "has it) or 'contains' targets (1 when it has it); default off")
     group.add_argument("--ecg-init-logit-bias", type=_bias_value, default=-10.0,
                        help="initial SigLIP logit bias: a number (default -10, SigLIP's; it assumes huge "
                             "batches where nearly every pair is negative) or 'auto': logit of the mean pair "
@@ -220,21 +233,48 @@ def check_label_alignment(tokens: torch.Tensor, labels: torch.Tensor, text_label
             f"(rows {rows[:8]}): the data pipeline paired labels with the wrong samples")
 
 
-def _labelled_forward(self, image=None, text=None):
-    """CLIP.forward for packed text rows: returns the batch's ECG and text labels with the features."""
+class FindingTextTokens:
+    """The tokens of this step's finding texts (:class:`~open_clip_ecg.data.text.FindingTexts`)."""
+
+    def __init__(self, finding_texts: FindingTexts, tokenizer):
+        self.finding_texts, self.tokenizer = finding_texts, tokenizer
+
+    def __call__(self) -> torch.Tensor:
+        return self.tokenizer(self.finding_texts())
+
+
+def _labelled_forward(self, image=None, text=None, finding_tokens: Optional[FindingTextTokens] = None):
+    """CLIP.forward for packed text rows: returns the batch's ECG and text labels with the features,
+    and with `finding_tokens` the embedded finding texts of this step (``finding_features``)."""
     if text is None:
         return type(self).forward(self, image, None)
     packed = unpack_text_and_labels(text)
     check_label_alignment(packed.tokens, packed.labels, packed.text_labels, packed.fingerprint)
     out = type(self).forward(self, image, packed.tokens)
     out["labels"], out["text_labels"] = packed.labels, packed.text_labels
+    if finding_tokens is not None and image is not None:
+        # inside forward, so DDP sees the text tower's use and --accum-freq caches them like features
+        out["finding_features"] = self.encode_text(finding_tokens().to(packed.tokens.device), normalize=True)
     return out
 
 
-def enable_label_passing(model: torch.nn.Module) -> torch.nn.Module:
-    """Make `model` accept packed (labels + tokens) text rows; weights and state_dict unchanged."""
-    model.forward = types.MethodType(_labelled_forward, model)
+def enable_label_passing(model: torch.nn.Module,
+                         finding_tokens: Optional[FindingTextTokens] = None) -> torch.nn.Module:
+    """Make `model` accept packed (labels + tokens) text rows (and embed the finding texts with
+    each batch when given); weights and state_dict unchanged."""
+    forward = functools.partial(_labelled_forward, finding_tokens=finding_tokens)
+    model.forward = types.MethodType(forward, model)
     return model
+
+
+def finding_text_tokens(args) -> Optional[FindingTextTokens]:
+    """--ecg-finding-texts: the training vocabulary's finding texts, tokenized for `args.model`."""
+    if args.ecg.ecg_finding_texts == "off":
+        return None
+    if not args.train_data:
+        raise ValueError("--ecg-finding-texts reads the finding names of the --train-data vocabulary")
+    names = [v["name"] for v in read_shard_info(expand_shards(args.train_data))["vocabulary"]]
+    return FindingTextTokens(FindingTexts(names), open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir))
 
 
 def _lock_image_tower_1d(self, unlocked_groups=0, freeze_bn_stats=False):
@@ -468,12 +508,15 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
     upstream_parse_args = compat.PARSE_ARGS.get()
     upstream_create_model = compat.CREATE_MODEL_AND_TRANSFORMS.get()
     amplifier = LogitStepAmplifier(ecg_options.ecg_logit_lr_mult)
+    finding_tokens: Optional[FindingTextTokens] = None  # --ecg-finding-texts, set by parse_args
 
     def parse_args(raw_args):
         args = upstream_parse_args(raw_args)
-        if ecg_options.ecg_text == "sampled" and ecg_options.ecg_text_cache:
-            raise ValueError("--ecg-text sampled composes new texts every step, which a text-embedding cache "
-                             "cannot hold: use --ecg-text stored with --ecg-text-cache")
+        for composed, flag in ((ecg_options.ecg_text == "sampled", "--ecg-text sampled"),
+                               (ecg_options.ecg_finding_texts != "off", "--ecg-finding-texts")):
+            if composed and ecg_options.ecg_text_cache:
+                raise ValueError(f"{flag} composes new texts every step, which a text-embedding cache cannot "
+                                 "hold: use --ecg-text stored and no --ecg-finding-texts with --ecg-text-cache")
         if ecg_options.ecg_logit_lr_mult <= 0:
             raise ValueError(f"--ecg-logit-lr-mult must be > 0, got {ecg_options.ecg_logit_lr_mult}")
         text_source = ecg_options.ecg_text_cache or ecg_options.ecg_text_model
@@ -497,6 +540,8 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
             ecg_options.ecg_init_logit_bias = auto_logit_bias(args.train_data, ecg_options.ecg_targets,
                                                               args.batch_size * world_size)
         args.ecg = ecg_options
+        nonlocal finding_tokens
+        finding_tokens = finding_text_tokens(args)
         return args
 
     def create_model_and_transforms(*args, **kwargs):
@@ -513,12 +558,16 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
             raise
         amplifier.watch(model)
         model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
-        return enable_label_passing(model), preprocess_train, preprocess_val
+        return enable_label_passing(model, finding_tokens), preprocess_train, preprocess_val
 
     def create_loss(args):
-        # model_out keys (image/text features, logit scale/bias, labels) are its keywords
-        return MultiLabelSigLipLoss(targets=args.ecg.ecg_targets, rank=args.rank,
-                                    world_size=args.world_size, dist_impl=args.loss_dist_impl)
+        # model_out keys (image/text features, logit scale/bias, labels, finding features) are its keywords
+        finding_targets = None if args.ecg.ecg_finding_texts == "off" else args.ecg.ecg_finding_texts
+        if finding_targets:
+            logging.info(f"Finding texts: every ECG also meets {len(finding_tokens.finding_texts)} "
+                         f"finding texts per step, {finding_targets} targets")
+        return MultiLabelSigLipLoss(targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size,
+                                    dist_impl=args.loss_dist_impl, finding_targets=finding_targets)
 
     replacements = [
         (compat.PARSE_ARGS, parse_args),

@@ -80,6 +80,20 @@ def make_text(entry: RecordEntry, label_names: Mapping[str, str], mode: str) -> 
     return " ".join(part for part in parts if part)
 
 
+class _ProcessRandom:
+    """A random.Random per process, seeded from torch's seed (which open_clip's loop seeds per rank
+    and the DataLoader per worker) unless `seed` fixes it (tests)."""
+
+    def __init__(self, seed: Optional[int] = None):
+        self.seed, self._rng, self._pid = seed, None, None
+
+    def get(self) -> random.Random:
+        if self._pid != os.getpid():  # first use in this process (a DataLoader worker, say)
+            self._rng = random.Random(self.seed if self.seed is not None else torch.initial_seed())
+            self._pid = os.getpid()
+        return self._rng
+
+
 # The kinds of text TrainingTextSampler draws, in the order of its weights.
 SAMPLED_TEXT_KINDS = ("report", "findings", "subset", "both")
 
@@ -112,15 +126,11 @@ class TrainingTextSampler:
                              f"({', '.join(SAMPLED_TEXT_KINDS)}) with a positive sum, got {list(weights)}")
         self.names_by_id = [name.strip().rstrip(".") for name in names_by_id]
         self.weights = [float(w) for w in weights]
-        self.seed = seed
-        self._rng, self._pid = None, None
+        self._random = _ProcessRandom(seed)
 
     @property
     def rng(self) -> random.Random:
-        if self._pid != os.getpid():  # first use in this process (a DataLoader worker, say)
-            self._rng = random.Random(self.seed if self.seed is not None else torch.initial_seed())
-            self._pid = os.getpid()
-        return self._rng
+        return self._random.get()
 
     def __call__(self, stored_text: str, report: Optional[str], label_ids: Sequence[int]) -> Tuple[str, List[int]]:
         report = (report or "").strip()
@@ -138,6 +148,31 @@ class TrainingTextSampler:
         if kind == "both" and report:
             return f"{findings} {report}", sorted(ids)
         return findings, sorted(ids)
+
+
+class FindingTexts:
+    """One text per vocabulary finding, phrased afresh on each call (``--ecg-finding-texts``).
+
+    Every training step pairs each ECG with every finding of the vocabulary, the way a zero-shot
+    prompt asks about one finding ("an ECG showing atrial fibrillation."): the text tower learns
+    each finding phrase on its own and the ECG tower meets every finding's negatives in every step,
+    not only those that happen to be in the batch's texts. Row ``i`` states finding ``i``; the
+    phrasing is a random :data:`FINDING_TEMPLATES` template per finding and call (seeded like
+    :class:`TrainingTextSampler`).
+    """
+
+    def __init__(self, names_by_id: Sequence[str], seed: Optional[int] = None):
+        if not names_by_id:
+            raise ValueError("finding texts need a label vocabulary with at least one finding")
+        self.names_by_id = [name.strip().rstrip(".") for name in names_by_id]
+        self._random = _ProcessRandom(seed)
+
+    def __len__(self) -> int:
+        return len(self.names_by_id)
+
+    def __call__(self) -> List[str]:
+        rng = self._random.get()
+        return [rng.choice(FINDING_TEMPLATES).format(name) for name in self.names_by_id]
 
 
 def token_count(tokenizer, text: str) -> Optional[int]:
