@@ -6,7 +6,7 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
 
 1. Shards: PTB-XL at 100 Hz, all 71 statements as labels (``--label-level all``), text = finding
    sentence + report (``--text both``); train on folds 1-6, validation fold 7, test fold 8.
-2. **Selection** (one seed, fold 7 only): training settings (``SELECTION``: text mode, logit
+2. **Selection** (one seed, fold 7 only): training settings (``SELECTION``: text mode, finding texts, logit
    bias/scale learning, text tower) x training length (the checkpoints at ``--select-epochs`` of
    one ``--epochs`` run) x zero-shot scoring rules (prompt names, aggregation, scoring;
    :mod:`open_clip_ecg.scoring`). The winning setting maximises the mean fold-7 macro AUROC over
