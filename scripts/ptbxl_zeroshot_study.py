@@ -284,7 +284,7 @@ class Study:
         rows = []
         for n_shards in sorted(set(a.curve_shards) | {n_all}):
             n_shards = min(n_shards, n_all)
-            path = os.path.join(self.cache, f"curve-{n_shards}.json")
+            path = os.path.join(self.cache, f"curve-{best['setting']}-{n_shards}.json")  # one per recipe
             if os.path.exists(path):  # measured before, with these choices?
                 with open(path, encoding="utf-8") as f:
                     row = json.load(f)
