@@ -252,7 +252,7 @@ def _labelled_forward(self, image=None, text=None, finding_tokens: Optional[Find
     check_label_alignment(packed.tokens, packed.labels, packed.text_labels, packed.fingerprint)
     out = type(self).forward(self, image, packed.tokens)
     out["labels"], out["text_labels"] = packed.labels, packed.text_labels
-    if finding_tokens is not None and image is not None:
+    if finding_tokens is not None and image is not None and self.training:  # only the loss uses them
         # inside forward, so DDP sees the text tower's use and --accum-freq caches them like features
         out["finding_features"] = self.encode_text(finding_tokens().to(packed.tokens.device), normalize=True)
     return out

@@ -42,8 +42,13 @@ FINDING_TEMPLATES = (
 )
 
 
+def _finding_name(name: str) -> str:
+    """A label name as it goes inside a sentence: no surrounding spaces, no final full stop."""
+    return name.strip().rstrip(".")
+
+
 def _clean_names(names: Iterable[str]) -> List[str]:
-    return sorted({name.strip().rstrip(".") for name in names if name.strip()}, key=lambda n: (n.casefold(), n))
+    return sorted({_finding_name(name) for name in names if name.strip()}, key=lambda n: (n.casefold(), n))
 
 
 def join_findings(names: Sequence[str]) -> str:
@@ -124,7 +129,7 @@ class TrainingTextSampler:
         if len(weights) != len(SAMPLED_TEXT_KINDS) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"text weights must be {len(SAMPLED_TEXT_KINDS)} non-negative numbers "
                              f"({', '.join(SAMPLED_TEXT_KINDS)}) with a positive sum, got {list(weights)}")
-        self.names_by_id = [name.strip().rstrip(".") for name in names_by_id]
+        self.names_by_id = [_finding_name(name) for name in names_by_id]
         self.weights = [float(w) for w in weights]
         self._random = _ProcessRandom(seed)
 
@@ -164,7 +169,7 @@ class FindingTexts:
     def __init__(self, names_by_id: Sequence[str], seed: Optional[int] = None):
         if not names_by_id:
             raise ValueError("finding texts need a label vocabulary with at least one finding")
-        self.names_by_id = [name.strip().rstrip(".") for name in names_by_id]
+        self.names_by_id = [_finding_name(name) for name in names_by_id]
         self._random = _ProcessRandom(seed)
 
     def __len__(self) -> int:
