@@ -60,7 +60,7 @@ AF = "AFIB"
 
 # Training settings compared on fold 7: what issue #9 found (stored text, bias -4) and each fix.
 BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "logit_lr_mult": 1, "lock_text": False,
-        "finding_texts": "off"}
+        "finding_texts": "off", "finding_groups": []}
 SELECTION = {
     "stored-text": {},
     "sampled-text": {"text": "sampled"},
@@ -73,6 +73,10 @@ SELECTION = {
     # membership targets: the lever tried against the superclass gap to supervision.
     "sampled-text+finding-texts": {"text": "sampled", "finding_texts": "jaccard"},
     "sampled-text+finding-texts-contains": {"text": "sampled", "finding_texts": "contains"},
+    # ... plus one text per superclass and per multi-statement subclass ("conduction disturbance",
+    # present when any member statement is): coarse questions trained in their own words.
+    "sampled-text+finding-texts-contains+groups": {"text": "sampled", "finding_texts": "contains",
+                                                   "finding_groups": ["ptbxl-super", "ptbxl-sub"]},
 }
 
 
@@ -133,6 +137,8 @@ class Study:
                  "--ecg-finding-texts", setting["finding_texts"]]
         if setting["lock_text"]:
             flags.append("--lock-text")
+        if setting["finding_groups"]:
+            flags += ["--ecg-finding-groups", *setting["finding_groups"]]
         if train_main(flags) != 0:
             raise RuntimeError(f"training {name} failed; see {os.path.join(a.out, 'logs', name, 'out.log')}")
         return checkpoint

@@ -216,20 +216,54 @@ def test_mean_pair_target_by_hand():
 
 
 def test_finding_text_targets_by_hand():
-    """ECG x finding-text pairs: Jaccard of the ECG's set with {f}, or membership (`contains`)."""
-    from open_clip_ecg.loss import contained_targets
+    """ECG x finding-text pairs: Jaccard of the ECG's set with {f}, or membership (`contains`); a group
+    text counts as one finding, present when any member is."""
+    from open_clip_ecg.loss import finding_jaccard_targets, present_targets
 
     #                       findings: 0  1  2
     labels = torch.tensor([[1, 1, 0],  # {0, 1}
                            [0, 0, 1],  # {2}
                            [0, 0, 0]], dtype=torch.float64)  # {}
     statements = torch.eye(3, dtype=torch.float64)
-    assert torch.equal(jaccard_targets(labels, statements),
+    assert torch.equal(finding_jaccard_targets(labels, statements),
                        torch.tensor([[0.5, 0.5, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64))
-    assert torch.equal(contained_targets(labels, statements),
+    assert torch.equal(finding_jaccard_targets(labels, statements), jaccard_targets(labels, statements))
+    assert torch.equal(present_targets(labels, statements),
                        torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64))
-    assert contained_targets(labels, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-                             ).tolist() == [[1, 1], [0, 1], [0, 1]]  # {0, 1} in {0, 1} only; {} in every set
+    groups = torch.tensor([[1, 1, 0],  # G = {0, 1}
+                           [0, 1, 1]], dtype=torch.float64)  # G = {1, 2}
+    # contains: any member present
+    assert present_targets(labels, groups).tolist() == [[1, 1], [0, 1], [0, 0]]
+    # jaccard: {g} against the ECG's set with its members of G merged into g
+    # {0,1} vs {0,1}: merged {g} -> 1; {0,1} vs {1,2}: merged {0, g} -> 1/2; {2} vs {1,2}: {g} -> 1
+    assert finding_jaccard_targets(labels, groups).tolist() == [[1, 0.5], [0, 1], [0, 0]]
+
+
+def test_finding_text_loss_with_group_texts_against_a_hand_computed_bce():
+    """finding_members: text rows that name several findings get their group targets in the BCE."""
+    generator = torch.Generator().manual_seed(2)
+    image = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1)
+    text = F.normalize(torch.randn(3, 4, generator=generator, dtype=torch.float64), dim=-1)
+    findings = F.normalize(torch.randn(4, 4, generator=generator, dtype=torch.float64), dim=-1)
+    labels = torch.tensor([[1, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float64)
+    members = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1]], dtype=torch.float64)  # 3 findings + {1, 2}
+    targets = [[1, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
+    scale, bias = torch.tensor(4.0, dtype=torch.float64), torch.tensor(-1.0, dtype=torch.float64)
+    expected = sum((t * np.logaddexp(0.0, -z) + (1 - t) * np.logaddexp(0.0, z)) / 3
+                   for i in range(3) for k in range(4)
+                   for z, t in [(float(scale * image[i] @ findings[k] + bias), targets[i][k])])
+    loss_fn = MultiLabelSigLipLoss(finding_targets="contains", finding_members=members)
+    out = loss_fn(image, text, scale, bias, labels=labels, finding_features=findings, output_dict=True)
+    assert float(out["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+    twice = loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.cat([findings, findings]),
+                    output_dict=True)
+    assert float(twice["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match=r"must be \[k x 4 finding texts, 4\]"):
+        loss_fn(image, text, scale, bias, labels=labels, finding_features=findings[:3])
+    with pytest.raises(ValueError, match="finding_members name 3 labels but the batch has 2"):
+        loss_fn(image, text, scale, bias, labels=labels[:, :2], finding_features=findings)
+    with pytest.raises(ValueError, match="at least one finding per text"):
+        MultiLabelSigLipLoss(finding_targets="contains", finding_members=torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
 
 
 @pytest.mark.parametrize("finding_targets, targets", [
@@ -271,7 +305,7 @@ def test_finding_features_that_do_not_fit_are_refused():
     image, text, labels = random_batch(batch=4, n_labels=5, dtype=torch.float32)
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
     loss_fn = MultiLabelSigLipLoss(finding_targets="jaccard")
-    with pytest.raises(ValueError, match=r"finding_features must be \[k x 5 findings, 6\].*got \(7, 6\)"):
+    with pytest.raises(ValueError, match=r"finding_features must be \[k x 5 finding texts, 6\].*got \(7, 6\)"):
         loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.randn(7, 6))
     with pytest.raises(ValueError, match=r"got \(5, 3\)"):
         loss_fn(image, text, scale, bias, labels=labels, finding_features=torch.randn(5, 3))

@@ -133,10 +133,51 @@ def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synt
                                      "0", *extra)]) == 0
     log = (run / "out.log").read_text()
     n_findings = len(json.loads((synthetic_shards / "vocabulary.json").read_text()))
-    assert f"meets {n_findings} finding texts per step, {finding_texts} targets" in log
+    assert f"meets {n_findings} finding texts per step (0 of them groups), {finding_texts} targets" in log
     losses = [float(v) for v in re.findall(r"Finding_text_loss: ([\d.]+)", log)]
     assert losses and all(np.isfinite(losses)) and min(losses) > 0
     assert ecg_options_logged(run)["ecg_finding_texts"] == finding_texts
+
+
+@pytest.fixture(scope="module")
+def ptbxl_coded_shards(tmp_path_factory):
+    """Synthetic records whose bundle branch block is coded CLBBB, so the PTB-XL superclass
+    "conduction disturbance" groups two vocabulary findings (1AVB and CLBBB)."""
+    from open_clip_ecg.data.readers import get_reader
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+    from open_clip_ecg.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ptbxl-coded")
+    csv_path = write_synthetic_dataset(root / "records", n=48, seed=1, progress=False)
+    for path in (csv_path, csv_path.parent / "label_names.csv"):
+        path.write_text(re.sub(r"\bBBB\b", "CLBBB", path.read_text()))
+    write_shards(get_reader("csv", csv_path), root / "shards",
+                 ShardOptions(sampling_rate=100, seconds=10, split_by="random", val_fraction=0.2,
+                              test_fraction=0.1, shard_size=16, text="report", progress=False))
+    return root / "shards"
+
+
+def test_finding_groups_add_one_text_per_multi_finding_label(ptbxl_coded_shards, tmp_path):
+    """--ecg-finding-groups ptbxl-super: "conduction disturbance" (1AVB or CLBBB) is trained as one more
+    finding text; labels naming one finding already in the vocabulary, or none, are listed as left out."""
+    run = tmp_path / "groups"
+    assert cli(["train", *train_args(ptbxl_coded_shards, tmp_path, "groups", "--ecg-finding-texts", "contains",
+                                     "--ecg-finding-groups", "ptbxl-super", "--log-every-n-steps", "1",
+                                     "--val-frequency", "0", "--zeroshot-frequency", "0")]) == 0
+    log = (run / "out.log").read_text()
+    n_findings = len(json.loads((ptbxl_coded_shards / "vocabulary.json").read_text()))
+    assert f"meets {n_findings + 1} finding texts per step (1 of them groups), contains targets" in log
+    assert "no text for 'hypertrophy': names the same findings as 'left ventricular hypertrophy'" in log
+    assert "no text for 'myocardial infarction': no member finding in the vocabulary" in log
+    losses = [float(v) for v in re.findall(r"Finding_text_loss: ([\d.]+)", log)]
+    assert losses and all(np.isfinite(losses)) and min(losses) > 0
+    assert ecg_options_logged(run)["ecg_finding_groups"] == ["ptbxl-super"]
+
+
+def test_finding_groups_need_finding_texts(synthetic_shards, tmp_path, capsys):
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "groups-alone",
+                                     "--ecg-finding-groups", "ptbxl-super")]) == 2
+    assert "--ecg-finding-groups adds finding texts: use it with --ecg-finding-texts" in capsys.readouterr().err
 
 
 def test_finding_texts_cannot_come_from_a_text_cache(synthetic_shards, tmp_path, capsys):

@@ -101,3 +101,33 @@ def test_finding_texts_name_one_finding_per_row_in_varying_phrasings():
     assert draws == [again() for _ in range(50)]  # reproducible with a seed
     with pytest.raises(ValueError, match="at least one finding"):
         FindingTexts([])
+
+
+def test_finding_group_texts_name_their_members_and_skip_repeats():
+    """--ecg-finding-groups: a group row names several findings; a group with no member, the same
+    findings as an earlier row, or an earlier row's name for other findings gets no text (listed)."""
+    groups = [("AV or rhythm finding", [0, 1]), ("first degree AV block", [0, 2]), ("sinus", [3]),
+              ("empty", []), ("ECG abnormality.", [0, 1, 2])]
+    finding_texts = FindingTexts(NAMES, groups, seed=0)
+    assert finding_texts.names == [*NAMES, "AV or rhythm finding", "ECG abnormality"]
+    assert finding_texts.members().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1],
+                                                [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert finding_texts.skipped == [
+        ("first degree AV block", "'first degree AV block' already names other findings"),
+        ("sinus", "names the same findings as 'sinus rhythm'"),
+        ("empty", "no member finding in the vocabulary")]
+    texts = finding_texts()
+    assert len(texts) == 6 and "AV or rhythm finding" in texts[4] and "ECG abnormality" in texts[5]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        FindingTexts(NAMES, [("beyond", [1, 9])])
+
+
+def test_finding_groups_of_a_task_read_its_members_in_the_vocabulary():
+    from open_clip_ecg.tasks import finding_groups
+
+    vocabulary = ["NORM", "1AVB", "CLBBB", "LVH", "IMI", "AFIB"]
+    groups = dict(finding_groups(["ptbxl-super"], vocabulary))
+    assert groups == {"conduction disturbance": [1, 2], "hypertrophy": [3], "myocardial infarction": [4],
+                      "normal ECG": [0], "ST/T change": []}
+    with pytest.raises(ValueError, match="'labels' is the vocabulary itself"):
+        finding_groups(["labels"], vocabulary)

@@ -27,7 +27,12 @@ Finding texts (``finding_targets``, ``--ecg-finding-texts``): besides the batch'
 ECG can also be paired with one short text per vocabulary finding ("an ECG showing {finding}."),
 the question a zero-shot prompt asks. Their target is the Jaccard score of the ECG's set with the
 singleton {f} (``"jaccard"``: 1/|L_i| if f is in L_i, else 0; the same targets the batch's texts
-get) or plain membership (``"contains"``: 1 if f is in L_i). Pairing images with label-name texts
+get) or plain membership (``"contains"``: 1 if f is in L_i). A finding text may also name a group of
+findings (``finding_members``, ``--ecg-finding-groups``: "conduction disturbance" for the PTB-XL
+superclass CD); a group counts as one finding, present when any member is: ``"contains"`` gives 1
+when the ECG has any member, ``"jaccard"`` the Jaccard score of {g} with the ECG's set once its
+members of g are merged into g (1 / (|L_i| - |L_i ∩ G| + 1) when they meet). A one-member group is
+exactly the single-finding case. Pairing images with label-name texts
 is what knowledge-enhanced models such as KAD (Zhang et al., 2023) train on; here it is an extra
 term ``finding_text_loss`` (sum over the ECG x finding pairs / B, like the pair term) reported
 beside ``contrastive_loss``. Every rank encodes the same finding texts, so this term needs no
@@ -77,14 +82,23 @@ def exact_match_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch
     return (intersection == union).to(intersection.dtype)
 
 
-def contained_targets(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
-    """1 where row b's findings are all among row a's (B ⊆ A; an empty B is in every A), else 0."""
-    intersection = labels_a @ labels_b.T
-    return (intersection == labels_b.sum(1)).to(intersection.dtype)
+def present_targets(labels: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """ECG x finding-text targets ``"contains"``: 1 where the ECG (row of `labels`) has any of the
+    findings the text names (row of `members`), else 0."""
+    return ((labels @ members.T) > 0).to(labels.dtype)
+
+
+def finding_jaccard_targets(labels: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """ECG x finding-text targets ``"jaccard"``: the text's finding (a group counting as one finding,
+    present when any member is) against the ECG's set with its members of the group merged into it:
+    1 / (|L| - |L ∩ G| + 1) when they meet, else 0 (1/|L| for a single finding f in L)."""
+    intersection = labels @ members.T
+    present = (intersection > 0).to(labels.dtype)
+    return present / (labels.sum(1, keepdim=True) - intersection + 1)
 
 
 _TARGET_FNS = {"jaccard": jaccard_targets, "exact": exact_match_targets}
-FINDING_TARGETS = {"jaccard": jaccard_targets, "contains": contained_targets}
+FINDING_TARGETS = {"jaccard": finding_jaccard_targets, "contains": present_targets}
 
 
 def mean_pair_target(labels: torch.Tensor, targets: str, batch_size: int) -> float:
@@ -116,6 +130,8 @@ class MultiLabelSigLipLoss(SigLipLoss):
             sets) or ``"identity"`` (plain SigLIP; labels are then not needed and ignored).
         finding_targets: None (default: no finding texts), ``"jaccard"`` or ``"contains"``: the
             targets of ECG x finding-text pairs when ``finding_features`` are passed.
+        finding_members: ``[n_texts, n_labels]`` multi-hot, the findings each finding text names
+            (a group: several); default one text per label, text f naming label f.
     """
 
     def __init__(
@@ -126,14 +142,19 @@ class MultiLabelSigLipLoss(SigLipLoss):
             dist_impl: Optional[str] = None,
             targets: str = "jaccard",
             finding_targets: Optional[str] = None,
+            finding_members: Optional[torch.Tensor] = None,
     ):
         super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
         if targets not in TARGET_MODES:
             raise ValueError(f"targets must be one of {TARGET_MODES}, got {targets!r}")
         if finding_targets is not None and finding_targets not in FINDING_TARGETS:
             raise ValueError(f"finding_targets must be None or one of {tuple(FINDING_TARGETS)}, got {finding_targets!r}")
+        if finding_members is not None and (finding_members.ndim != 2 or not bool((finding_members.sum(1) > 0).all())):
+            raise ValueError("finding_members must be a [n_texts, n_labels] multi-hot matrix naming at least one "
+                             f"finding per text, got shape {tuple(finding_members.shape)}")
         self.targets = targets
         self.finding_targets = finding_targets
+        self.finding_members = finding_members
 
     def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor, target_fn=None) -> torch.Tensor:
         """Soft targets ``[n_image, n_text]`` in [0, 1] for one block of pairs (by ``targets``
@@ -154,13 +175,18 @@ class MultiLabelSigLipLoss(SigLipLoss):
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / image_features.shape[0]
 
     def finding_text_loss(self, image_features, finding_features, labels, logit_scale, logit_bias):
-        """The ECG x finding-text term: ``finding_features`` row ``k * n_labels + f`` states finding f."""
+        """The ECG x finding-text term: ``finding_features`` row ``k * n_texts + t`` is finding text t,
+        which names the findings of ``finding_members`` row t."""
         n_labels = labels.shape[1]
-        copies, rest = divmod(finding_features.shape[0], n_labels)
+        members = (torch.eye(n_labels) if self.finding_members is None else self.finding_members)
+        if members.shape[1] != n_labels:
+            raise ValueError(f"finding_members name {members.shape[1]} labels but the batch has {n_labels}")
+        n_texts = members.shape[0]
+        copies, rest = divmod(finding_features.shape[0], n_texts)
         if finding_features.ndim != 2 or rest or not copies or finding_features.shape[1] != image_features.shape[1]:
-            raise ValueError(f"finding_features must be [k x {n_labels} findings, {image_features.shape[1]}] "
-                             f"(one text per label, k copies), got {tuple(finding_features.shape)}")
-        stated = torch.eye(n_labels, dtype=labels.dtype, device=labels.device).repeat(copies, 1)
+            raise ValueError(f"finding_features must be [k x {n_texts} finding texts, {image_features.shape[1]}] "
+                             f"(one row per finding text, k copies), got {tuple(finding_features.shape)}")
+        stated = members.to(device=labels.device, dtype=labels.dtype).repeat(copies, 1)
         loss = self._block_loss(image_features, finding_features, labels, stated, logit_scale, logit_bias,
                                 FINDING_TARGETS[self.finding_targets])
         return loss / copies

@@ -245,6 +245,24 @@ def _snomed_names() -> Dict[str, str]:
     return {code: entry["name"] for code, entry in load_prompt_file(SNOMED_PROMPTS)["findings"].items()}
 
 
+def finding_groups(task_names: Sequence[str], vocabulary_codes: Sequence[str]) -> List[Tuple[str, List[int]]]:
+    """``(label name, vocabulary ids of its member codes)`` for every label of the named tasks, in
+    task order: e.g. ``ptbxl-super`` gives "conduction disturbance" with the ids of 1AVB, CLBBB, ...
+    (``--ecg-finding-groups``). Members are read in every code system the task names (SCP
+    statements for PTB-XL shards, SNOMED codes for Challenge shards); a label with no member in the
+    vocabulary gets no ids (the caller reports it)."""
+    index = {str(code): i for i, code in enumerate(vocabulary_codes)}
+    groups = []
+    for task_name in task_names:
+        if task_name == "labels":
+            raise ValueError("finding groups come from a task with its own label hierarchy (ptbxl-super, "
+                             "ptbxl-sub, cinc, ...); 'labels' is the vocabulary itself")
+        for label in get_task(task_name).labels:
+            codes = set().union(*label.members.values())
+            groups.append((label.name, sorted(index[code] for code in codes if code in index)))
+    return groups
+
+
 def get_task(name: str, vocabulary: Optional[Sequence[Mapping]] = None) -> Task:
     """The task called `name`; ``labels`` needs the shards' `vocabulary` (``vocabulary.json``)."""
     if name == "labels":

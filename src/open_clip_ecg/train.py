@@ -14,7 +14,7 @@ seam                                        why
 ``open_clip_train.main.create_model_and_…`` give the model a forward that unpacks the labels
                                             carried with the text and returns them as
                                             ``labels`` (accumulation caches them like features),
-                                            plus the embedded ``--ecg-finding-texts``,
+                                            plus the embedded ``--ecg-finding-texts`` (groups too),
                                             and a lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
@@ -79,7 +79,7 @@ from .loss import FINDING_TARGETS, TARGET_MODES, MultiLabelSigLipLoss, mean_pair
 from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
 from .registry import list_ecg_models, register_ecg_text_model
 from .scoring import ScoringRules, TaskScorer
-from .tasks import get_task
+from .tasks import TASKS, finding_groups, get_task
 from .towers import lock_image_tower
 
 # Flags of open_clip_train that cannot work with ECG towers, and what to do instead. Each must be
@@ -144,6 +144,12 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                        help="also pair every ECG with one text per vocabulary finding ('an ECG showing "
                             "{finding}.') in every step, with Jaccard targets (1/|findings| when the ECG "
                             "has it) or 'contains' targets (1 when it has it); default off")
+    group.add_argument("--ecg-finding-groups", nargs="+", default=[], metavar="TASK",
+                       choices=[task for task in TASKS if task != "labels"],
+                       help="with --ecg-finding-texts: also one text per label of these tasks that groups "
+                            "several vocabulary findings (e.g. ptbxl-super: 'conduction disturbance' is "
+                            "present when any of 1AVB, CLBBB, ... is), so coarse questions are trained in "
+                            "their own words")
     group.add_argument("--ecg-init-logit-bias", type=_bias_value, default=-10.0,
                        help="initial SigLIP logit bias: a number (default -10, SigLIP's; it assumes huge "
                             "batches where nearly every pair is negative) or 'auto': logit of the mean pair "
@@ -270,11 +276,15 @@ def enable_label_passing(model: torch.nn.Module,
 def finding_text_tokens(args) -> Optional[FindingTextTokens]:
     """--ecg-finding-texts: the training vocabulary's finding texts, tokenized for `args.model`."""
     if args.ecg.ecg_finding_texts == "off":
+        if args.ecg.ecg_finding_groups:
+            raise ValueError("--ecg-finding-groups adds finding texts: use it with --ecg-finding-texts contains|jaccard")
         return None
     if not args.train_data:
         raise ValueError("--ecg-finding-texts reads the finding names of the --train-data vocabulary")
-    names = [v["name"] for v in read_shard_info(expand_shards(args.train_data))["vocabulary"]]
-    return FindingTextTokens(FindingTexts(names), open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir))
+    vocabulary = read_shard_info(expand_shards(args.train_data))["vocabulary"]
+    groups = finding_groups(args.ecg.ecg_finding_groups, [v["code"] for v in vocabulary])
+    finding_texts = FindingTexts([v["name"] for v in vocabulary], groups)
+    return FindingTextTokens(finding_texts, open_clip.get_tokenizer(args.model, cache_dir=args.cache_dir))
 
 
 def _lock_image_tower_1d(self, unlocked_groups=0, freeze_bn_stats=False):
@@ -564,10 +574,15 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         # model_out keys (image/text features, logit scale/bias, labels, finding features) are its keywords
         finding_targets = None if args.ecg.ecg_finding_texts == "off" else args.ecg.ecg_finding_texts
         if finding_targets:
-            logging.info(f"Finding texts: every ECG also meets {len(finding_tokens.finding_texts)} "
-                         f"finding texts per step, {finding_targets} targets")
-        return MultiLabelSigLipLoss(targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size,
-                                    dist_impl=args.loss_dist_impl, finding_targets=finding_targets)
+            finding_texts = finding_tokens.finding_texts
+            logging.info(f"Finding texts: every ECG also meets {len(finding_texts)} finding texts per step "
+                         f"({len(finding_texts) - finding_texts.n_findings} of them groups), {finding_targets} targets")
+            for name, reason in finding_texts.skipped:
+                logging.info(f"--ecg-finding-groups: no text for {name!r}: {reason}")
+        return MultiLabelSigLipLoss(
+            targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
+            finding_targets=finding_targets,
+            finding_members=finding_tokens.finding_texts.members() if finding_targets else None)
 
     replacements = [
         (compat.PARSE_ARGS, parse_args),

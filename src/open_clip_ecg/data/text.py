@@ -156,28 +156,60 @@ class TrainingTextSampler:
 
 
 class FindingTexts:
-    """One text per vocabulary finding, phrased afresh on each call (``--ecg-finding-texts``).
+    """One text per vocabulary finding (and per finding group), phrased afresh on each call
+    (``--ecg-finding-texts``, ``--ecg-finding-groups``).
 
     Every training step pairs each ECG with every finding of the vocabulary, the way a zero-shot
     prompt asks about one finding ("an ECG showing atrial fibrillation."): the text tower learns
     each finding phrase on its own and the ECG tower meets every finding's negatives in every step,
-    not only those that happen to be in the batch's texts. Row ``i`` states finding ``i``; the
-    phrasing is a random :data:`FINDING_TEMPLATES` template per finding and call (seeded like
-    :class:`TrainingTextSampler`).
+    not only those that happen to be in the batch's texts. Row ``i < len(names_by_id)`` states
+    finding ``i``; then come the `groups`, ``(name, member ids)`` such as the PTB-XL superclass
+    ("conduction disturbance", ids of 1AVB, CLBBB, ...), so coarse questions are trained in their
+    own words too. A group is left out, and listed in ``skipped``, when it has no member in the
+    vocabulary, names the same findings as an earlier row, or reuses an earlier row's name for
+    other findings (one phrase, one meaning). The phrasing is a random :data:`FINDING_TEMPLATES`
+    template per row and call (seeded like :class:`TrainingTextSampler`).
     """
 
-    def __init__(self, names_by_id: Sequence[str], seed: Optional[int] = None):
+    def __init__(self, names_by_id: Sequence[str], groups: Sequence[Tuple[str, Sequence[int]]] = (),
+                 seed: Optional[int] = None):
         if not names_by_id:
             raise ValueError("finding texts need a label vocabulary with at least one finding")
-        self.names_by_id = [_finding_name(name) for name in names_by_id]
+        rows = [(_finding_name(name), (i,)) for i, name in enumerate(names_by_id)]
+        self.skipped: List[Tuple[str, str]] = []
+        for name, ids in groups:
+            name, ids = _finding_name(name), tuple(sorted(set(int(i) for i in ids)))
+            same_findings = next((other for other, other_ids in rows if other_ids == ids), None)
+            same_name = next((other for other, _ in rows if other.casefold() == name.casefold()), None)
+            if not ids:
+                self.skipped.append((name, "no member finding in the vocabulary"))
+            elif same_findings is not None:
+                self.skipped.append((name, f"names the same findings as {same_findings!r}"))
+            elif same_name is not None:
+                self.skipped.append((name, f"{same_name!r} already names other findings"))
+            elif not all(0 <= i < len(names_by_id) for i in ids):
+                raise ValueError(f"finding group {name!r}: member ids {list(ids)} outside the vocabulary "
+                                 f"of {len(names_by_id)} findings")
+            else:
+                rows.append((name, ids))
+        self.names = [name for name, _ in rows]
+        self.member_ids = [ids for _, ids in rows]
+        self.n_findings = len(names_by_id)
         self._random = _ProcessRandom(seed)
 
     def __len__(self) -> int:
-        return len(self.names_by_id)
+        return len(self.names)
+
+    def members(self) -> torch.Tensor:
+        """``[len(self), n_findings]`` multi-hot: the findings each row names (the loss's ``finding_members``)."""
+        members = torch.zeros(len(self), self.n_findings)
+        for row, ids in enumerate(self.member_ids):
+            members[row, list(ids)] = 1.0
+        return members
 
     def __call__(self) -> List[str]:
         rng = self._random.get()
-        return [rng.choice(FINDING_TEMPLATES).format(name) for name in self.names_by_id]
+        return [rng.choice(FINDING_TEMPLATES).format(name) for name in self.names]
 
 
 def token_count(tokenizer, text: str) -> Optional[int]:
