@@ -46,13 +46,18 @@ def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     # the finding diagnosis runs on a checkpoint the study trained (ECG side vs text side, fold 7)
     checkpoint = out / "logs" / f"{best['setting']}-jaccard-seed0" / "checkpoints" / "epoch_1.pt"
     diagnosis = tmp_path / "diagnosis.json"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "ptbxl_finding_diagnosis.py"), "--checkpoint",
-                           str(checkpoint), "--shards", str(out / "shards"), "--codes", "NORM", "SR",
-                           "--out", str(diagnosis)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = {row["code"]: row for row in json.loads(diagnosis.read_text())}
-    assert rows["NORM"]["val_positives"] > 0 and rows["NORM"]["train_positives"] > 0
-    assert 0 <= rows["NORM"]["text_auroc"] <= 1 and "| NORM | normal ECG |" in done.stdout
+    for split in ("val", "train"):  # the ECG side on fold 7, or on the training ECGs
+        done = subprocess.run([sys.executable, str(REPO / "scripts" / "ptbxl_finding_diagnosis.py"), "--checkpoint",
+                               str(checkpoint), "--shards", str(out / "shards"), "--codes", "NORM", "SR",
+                               "--ecg-split", split, "--out", str(diagnosis)], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows = {row["code"]: row for row in json.loads(diagnosis.read_text())}
+        assert rows["NORM"]["ecg_split"] == split and rows["NORM"]["ecg_positives"] > 0
+        assert rows["NORM"]["train_positives"] > 0 and f"n+ {split} (ECG side)" in done.stdout
+        assert 0 <= rows["NORM"]["text_auroc"] <= 1 and "| NORM | normal ECG |" in done.stdout
+    # on the training split both sides read the same records
+    assert rows["NORM"]["ecg_positives"] == rows["NORM"]["train_positives"]
     # a re-run reuses every checkpoint and score: nothing is trained again
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "Start epoch" not in again.stderr + again.stdout
