@@ -16,7 +16,8 @@ For each statement code, with the prompt of the zero-shot rules (its English nam
 - The code's training positives and its most frequent co-labels.
 
 ``--ecg-split train`` scores the ECG side on the training ECGs instead: a finding that ranks poorly
-even there is not learned at all, not merely not generalised. Fold 8 is never read. Writes a markdown table to stdout and ``--out`` (JSON) when given.
+even there is not learned at all, not merely not generalised. Fold 8 is never read. Writes a
+markdown table to stdout and ``--out`` (JSON) when given.
 """
 from __future__ import annotations
 
@@ -58,20 +59,20 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 128) 
 
 def diagnose(model, tokenizer, shards: str, codes: Sequence[str], ecg_split: str = "val") -> List[Dict]:
     names = {v["code"]: v["name"] for v in read_shard_info(resolve_shards(shards, "train"))["vocabulary"]}
-    val = embed_shards(model, resolve_shards(shards, ecg_split), batch_size=64)
-    ecg = F.normalize(torch.from_numpy(val.embeddings).float(), dim=-1)
-    val_codes = [set(c) for c in val.records.label_codes]
+    embedded = embed_shards(model, resolve_shards(shards, ecg_split), batch_size=64)
+    ecg = F.normalize(torch.from_numpy(embedded.embeddings).float(), dim=-1)
+    ecg_codes = [set(c) for c in embedded.records.label_codes]
     train = [(s["text"], set(s["label_codes"])) for s in iterate_samples(resolve_shards(shards, "train"))]
     texts = encode_texts(model, tokenizer, [t for t, _ in train])
-    normal = np.array(["NORM" in c for c in val_codes])
+    normal = np.array(["NORM" in c for c in ecg_codes])
     rows = []
     for code in codes:
         if code not in names:
             raise ValueError(f"{code!r} is not in the vocabulary of {shards}")
         prompt = encode_prompt(model, tokenizer, names[code])
-        y = np.array([code in c for c in val_codes])
+        y = np.array([code in c for c in ecg_codes])
         score = (ecg @ prompt).numpy()
-        other_rhythm = np.array([bool((RHYTHM - {code}) & c) for c in val_codes])
+        other_rhythm = np.array([bool((RHYTHM - {code}) & c) for c in ecg_codes])
         against = {"NORM": normal & ~y, "other rhythm": other_rhythm & ~y & ~normal,
                    "other abnormal": ~normal & ~other_rhythm & ~y}
         y_text = np.array([code in c for _, c in train])

@@ -154,8 +154,8 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
     fmt, path = parse_data_spec(data)
     defaults = SOURCES[fmt]
     text = text or defaults.text
-    epochs = epochs or defaults.epochs
-    crop_seconds = crop_seconds or defaults.crop_seconds
+    epochs = defaults.epochs if epochs is None else epochs
+    crop_seconds = defaults.crop_seconds if crop_seconds is None else crop_seconds
     precision = precision or default_precision()
     os.makedirs(out, exist_ok=True)
 

@@ -179,6 +179,9 @@ class FindingTexts:
         self.skipped: List[Tuple[str, str]] = []
         for name, ids in groups:
             name, ids = _finding_name(name), tuple(sorted(set(int(i) for i in ids)))
+            if not all(0 <= i < len(names_by_id) for i in ids):
+                raise ValueError(f"finding group {name!r}: member ids {list(ids)} outside the vocabulary "
+                                 f"of {len(names_by_id)} findings")
             same_findings = next((other for other, other_ids in rows if other_ids == ids), None)
             same_name = next((other for other, _ in rows if other.casefold() == name.casefold()), None)
             if not ids:
@@ -187,9 +190,6 @@ class FindingTexts:
                 self.skipped.append((name, f"names the same findings as {same_findings!r}"))
             elif same_name is not None:
                 self.skipped.append((name, f"{same_name!r} already names other findings"))
-            elif not all(0 <= i < len(names_by_id) for i in ids):
-                raise ValueError(f"finding group {name!r}: member ids {list(ids)} outside the vocabulary "
-                                 f"of {len(names_by_id)} findings")
             else:
                 rows.append((name, ids))
         self.names = [name for name, _ in rows]
