@@ -20,7 +20,11 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
 4. **Supervised baseline**: BCE on the same tower and folds (epoch chosen on fold 7), superclass
    and rhythm tasks, ``--seeds`` seeds, scored on fold 8 the same way; the paired difference
    zero-shot (winning targets) - supervised with a bootstrap interval.
-5. **Learning curve** (fold 7 only): the winner (jaccard, first seed) and the supervised baseline
+5. **One supervised model for every statement** (``--stages generalist``): BCE on all 71
+   statements (``ptbxl-all``, epoch chosen on fold 7), each task answered from its member
+   statements by the aggregation rule best on fold 7 -- one model serving every task, as the
+   zero-shot model does, where step 4 trains a specialist per task.
+6. **Learning curve** (fold 7 only): the winner (jaccard, first seed) and the supervised baseline
    (last epoch) trained on the first ``--curve-shards`` training shards and on all of them: does
    the gap between zero-shot and supervision close with more records?
 
@@ -42,25 +46,28 @@ import numpy as np
 
 from open_clip_ecg import metrics as M
 from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_atomic
-from open_clip_ecg.baselines import evaluate_supervised, load_supervised, score_supervised, train_supervised
+from open_clip_ecg.baselines import (answer_from_statements, evaluate_supervised, load_supervised, predict_supervised,
+                                    score_supervised, train_supervised)
 from open_clip_ecg.data.manifest import count_samples, read_shard_info
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
 from open_clip_ecg.factory import load_model
 from open_clip_ecg.evaluate import choose_on_validation
-from open_clip_ecg.scoring import ALL_SCORING_RULES, ScoringRules, TaskScorer, choose_thresholds, summarize
+from open_clip_ecg.scoring import (AGGREGATIONS, ALL_SCORING_RULES, ScoringRules, TaskScorer, choose_thresholds,
+                                   summarize)
 from open_clip_ecg.tasks import get_task
 from open_clip_ecg.train import main as train_main
 
 TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
 SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
+GENERALIST_TASK = "ptbxl-all"  # the one supervised model for every statement (stage "generalist")
 AF = "AFIB"
 
 # Training settings compared on fold 7: what issue #9 found (stored text, bias -4) and each fix.
-BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "logit_lr_mult": 1, "lock_text": False,
-        "finding_texts": "off", "finding_groups": []}
+BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "scale": 10, "logit_lr_mult": 1,
+        "lock_text": False, "finding_texts": "off", "finding_groups": []}
 SELECTION = {
     "stored-text": {},
     "sampled-text": {"text": "sampled"},
@@ -77,6 +84,11 @@ SELECTION = {
     # present when any member statement is): coarse questions trained in their own words.
     "sampled-text+finding-texts-contains+groups": {"text": "sampled", "finding_texts": "contains",
                                                    "finding_groups": ["ptbxl-super", "ptbxl-sub"]},
+    # ... with SigLIP's scale started at 30 instead of 10: at 10 an ECG cannot sit close to every
+    # finding text it shows at once (the scale barely moves on 18 steps an epoch).
+    "sampled-text+finding-texts-contains+groups+scale30": {"text": "sampled", "finding_texts": "contains",
+                                                           "finding_groups": ["ptbxl-super", "ptbxl-sub"],
+                                                           "scale": 30},
 }
 
 
@@ -133,6 +145,7 @@ class Study:
                  "--save-frequency", str(math.gcd(a.epochs, *a.select_epochs)),
                  "--ecg-targets", targets, "--ecg-seconds", str(a.crop_seconds),
                  "--ecg-text", setting["text"], "--ecg-init-logit-bias", str(setting["bias"]),
+                 "--ecg-init-logit-scale", str(setting["scale"]),
                  "--ecg-logit-lr-mult", str(setting["logit_lr_mult"]),
                  "--ecg-finding-texts", setting["finding_texts"]]
         if setting["lock_text"]:
@@ -248,6 +261,18 @@ class Study:
             write_json_atomic(scored, runs[name], indent=2)
         return runs
 
+    def supervised_model(self, task_name: str, seed: int):
+        """(model, about, fold-7 scores or None) of the supervised baseline for `task_name`, trained
+        once (best epoch on fold 7) and reused from its checkpoint afterwards."""
+        checkpoint = os.path.join(self.args.out, "supervised", f"{task_name}-seed{seed}.pt")
+        if os.path.exists(checkpoint):
+            return (*load_supervised(checkpoint), None)
+        os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
+        return train_supervised(task_name, self.shards, train_split="train", val_data=self.shards, val_split="val",
+                                epochs=self.args.supervised_epochs, lr=self.args.lr, batch_size=self.args.batch_size,
+                                seconds=self.args.crop_seconds, workers=self.args.workers, seed=seed,
+                                checkpoint_path=checkpoint)
+
     def supervised(self) -> Dict:
         """The supervised BCE baseline per task and seed (best epoch on fold 7), scored on fold 8:
         {seed: {task: summary}}; its fold-8 scores are kept for the paired differences."""
@@ -255,17 +280,7 @@ class Study:
         for seed in self.args.seeds:
             out[seed], arrays = {}, {}
             for task_name in SUPERVISED_TASKS:
-                checkpoint = os.path.join(self.args.out, "supervised", f"{task_name}-seed{seed}.pt")
-                if os.path.exists(checkpoint):
-                    model, about = load_supervised(checkpoint)
-                    validation = None
-                else:
-                    os.makedirs(os.path.dirname(checkpoint), exist_ok=True)
-                    model, about, validation = train_supervised(
-                        task_name, self.shards, train_split="train", val_data=self.shards, val_split="val",
-                        epochs=self.args.supervised_epochs, lr=self.args.lr, batch_size=self.args.batch_size,
-                        seconds=self.args.crop_seconds, workers=self.args.workers, seed=seed,
-                        checkpoint_path=checkpoint)
+                model, about, validation = self.supervised_model(task_name, seed)
                 if validation is None:  # thresholds always come from fold 7
                     validation = score_supervised(model, get_task(task_name), resolve_shards(self.shards, "val"),
                                                   f"{self.shards} (val)", about, self.args.batch_size, 0)
@@ -275,6 +290,32 @@ class Study:
                 arrays[f"{task_name}/y_true"] = result.scores.y_true
                 arrays[f"{task_name}/y_score"] = result.scores.y_score
             _write_npz(os.path.join(self.cache, f"supervised-seed{seed}.npz"), arrays)
+        return out
+
+    def generalist(self) -> Dict:
+        """One supervised model for every statement per seed, each task answered from its member
+        statements with the aggregation rule best on fold 7, scored on fold 8: {seed: {task: summary}}."""
+        out = {}
+        for seed in self.args.seeds:
+            model, about, _ = self.supervised_model(GENERALIST_TASK, seed)
+            predicted = {split: predict_supervised(model, resolve_shards(self.shards, split), about,
+                                                   self.args.batch_size, 0) for split in ("val", "test")}
+            out[seed], arrays = {}, {}
+            for task_name in SUPERVISED_TASKS:
+                task = get_task(task_name)
+
+                def answer(split, rule):
+                    return answer_from_statements(task, about["codes"], *predicted[split],
+                                                  f"{self.shards} ({split})", rule)
+                validation = {rule: answer("val", rule) for rule in AGGREGATIONS[1:]}
+                rule = max(validation, key=lambda r: M.macro_auroc(validation[r].y_true, validation[r].y_score) or 0.0)
+                test = answer("test", rule)
+                thresholds, info = choose_thresholds(task.codes, validation[rule])
+                metrics = summarize(task, f"supervised, one model for {GENERALIST_TASK}", test, thresholds, info,
+                                    n_bootstrap=self.args.bootstrap, about={"aggregate": rule}).metrics
+                out[seed][task_name] = {**_summary(metrics), "aggregate": rule}
+                arrays[f"{task_name}/y_true"], arrays[f"{task_name}/y_score"] = test.y_true, test.y_score
+            _write_npz(os.path.join(self.cache, f"generalist-seed{seed}.npz"), arrays)
         return out
 
     def learning_curve(self, best: Dict, choices: Dict, train: bool = True) -> List[Dict]:
@@ -339,8 +380,10 @@ def run_scores(out: str, runs: Dict, targets: str) -> List[str]:
     return [os.path.join(out, "scores", f"{name}.npz") for name, run in runs.items() if run["targets"] == targets]
 
 
-def supervised_scores(out: str, seeds) -> List[str]:
-    return [os.path.join(out, "scores", f"supervised-seed{seed}.npz") for seed in seeds]
+def supervised_scores(out: str, seeds, kind: str = "supervised") -> List[str]:
+    """The fold-8 score files of the supervised specialists (`kind` "supervised") or of the one
+    model for every statement ("generalist"), one per seed."""
+    return [os.path.join(out, "scores", f"{kind}-seed{seed}.npz") for seed in seeds]
 
 
 def paired_difference(files_a: List[str], files_b: List[str], task_name: str, n_bootstrap: int) -> Dict:
@@ -391,7 +434,7 @@ def curve_table(curve: List[Dict]) -> List[str]:
 
 
 def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differences: Dict, args,
-                 curve: List[Dict] = ()) -> str:
+                 curve: List[Dict] = (), generalist: Optional[Dict] = None) -> str:
     best = selection["best"]
     lines = ["# PTB-XL zero-shot study (ptbxl_zeroshot_study.py)", "",
              f"Train folds 1-6, everything chosen on fold 7, reported on fold 8 once; {args.epochs} epochs, "
@@ -425,8 +468,12 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
             cells += [_mean_sd([r["tasks"][t]["headline"]["micro_f1"] for r in rs]),
                       _mean_sd([r["tasks"][t]["headline"]["jaccard_samples"] for r in rs])]
         lines.append(f"| {targets} | " + " | ".join(cells) + " |")
-    if supervised:
-        seeds = list(supervised.values())
+    baselines = {"supervised BCE, one model per task": supervised,
+                 f"supervised BCE, one model for {GENERALIST_TASK}": generalist or {}}
+    for what, by_seed in baselines.items():
+        if not by_seed:
+            continue
+        seeds = list(by_seed.values())
 
         def sup(task_name, value):
             return _mean_sd([value(seed[task_name]) for seed in seeds])
@@ -434,7 +481,7 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
         cells.append(sup("ptbxl-rhythm", lambda r: r["per_label"].get(AF, {}).get("auroc")))
         cells += [sup("ptbxl-super", lambda r: r["headline"]["micro_f1"]),
                   sup("ptbxl-super", lambda r: r["headline"]["jaccard_samples"]), "–", "–"]
-        lines.append(f"| supervised BCE, {len(seeds)} seed(s) | " + " | ".join(cells) + " |")
+        lines.append(f"| {what}, {len(seeds)} seed(s) | " + " | ".join(cells) + " |")
     lines += ["", "Paper (Takahashi et al. 2026, their data): micro-F1 0.503, sample Jaccard 0.350.", ""]
     for what, by_task in differences.items():
         lines += [f"## Paired difference {what} (seed-averaged macro AUROC, fold 8, 95% bootstrap)", "",
@@ -447,11 +494,13 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
     lines += ["## Per label (fold 8, AUROC, mean over seeds of the winning targets)", ""]
     winner_runs = [r for r in runs.values() if r["targets"] == args.targets[0]]
     for task_name in SUPERVISED_TASKS:
-        lines += [f"### {task_name}", "", "| label | n+ | zero-shot | supervised |", "|---|---|---|---|"]
+        lines += [f"### {task_name}", "", "| label | n+ | zero-shot | supervised, per task | supervised, all statements |",
+                  "|---|---|---|---|---|"]
         for code, row in winner_runs[0]["tasks"][task_name]["per_label"].items():
             values = [r["tasks"][task_name]["per_label"][code]["auroc"] for r in winner_runs]
-            sup = [seed[task_name]["per_label"].get(code, {}).get("auroc") for seed in supervised.values()]
-            lines.append(f"| {code} | {row['n_positive']} | {_mean_sd(values)} | {_mean_sd(sup)} |")
+            sup = [_mean_sd([seed[task_name]["per_label"].get(code, {}).get("auroc") for seed in by_seed.values()])
+                   for by_seed in baselines.values()]
+            lines.append(f"| {code} | {row['n_positive']} | {_mean_sd(values)} | {sup[0]} | {sup[1]} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -479,8 +528,8 @@ def main(argv=None) -> int:
                         help="epochs of the supervised baseline (its best epoch on fold 7 is kept)")
     parser.add_argument("--curve-shards", type=int, nargs="+", default=[3, 6],
                         help="learning-curve stage: train on the first K training shards (plus all of them)")
-    parser.add_argument("--stages", nargs="+", choices=("select", "seeds", "supervised", "curve", "report"),
-                        default=["select", "seeds", "supervised", "curve", "report"],
+    parser.add_argument("--stages", nargs="+", choices=("select", "seeds", "supervised", "generalist", "curve", "report"),
+                        default=["select", "seeds", "supervised", "generalist", "curve", "report"],
                         help="run some stages only (e.g. two processes training different --targets "
                              "in parallel, then 'report' to collect)")
     parser.add_argument("--bootstrap", type=int, default=1000)
@@ -511,6 +560,7 @@ def main(argv=None) -> int:
              if {"curve", "report"} & set(args.stages) else [])
     runs = study.seeds(best, choices) if {"seeds", "report"} & set(args.stages) else {}
     supervised = study.supervised() if {"supervised", "report"} & set(args.stages) else {}
+    generalist = study.generalist() if {"generalist", "report"} & set(args.stages) else {}
     if "report" not in args.stages:
         return 0
     differences = {}
@@ -522,10 +572,16 @@ def main(argv=None) -> int:
         differences[f"{args.targets[0]} zero-shot − supervised"] = {
             t: paired_difference(run_scores(args.out, runs, args.targets[0]), supervised_scores(args.out, args.seeds),
                                  t, args.bootstrap) for t in SUPERVISED_TASKS}
-    result = {"selection_best": best, "choices": choices, "runs": runs, "supervised": supervised, "learning_curve": curve,
+    if generalist:
+        differences[f"{args.targets[0]} zero-shot − supervised, one model for {GENERALIST_TASK}"] = {
+            t: paired_difference(run_scores(args.out, runs, args.targets[0]),
+                                 supervised_scores(args.out, args.seeds, "generalist"), t, args.bootstrap)
+            for t in SUPERVISED_TASKS}
+    result = {"selection_best": best, "choices": choices, "runs": runs, "supervised": supervised,
+              "generalist": generalist, "learning_curve": curve,
               "paired_differences": differences, "options": {**vars(args), "rules_grid": [dataclasses.asdict(rules) for rules in args.rules_grid]}}
     write_json_atomic(os.path.join(args.out, "study.json"), result, indent=2)
-    table = write_tables(args.out, selection, runs, supervised, differences, args, curve)
+    table = write_tables(args.out, selection, runs, supervised, differences, args, curve, generalist)
     write_text_atomic(os.path.join(args.out, "study.md"), table)
     print(table)
     return 0

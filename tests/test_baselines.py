@@ -159,3 +159,29 @@ def test_probe_refuses_training_or_validation_records_that_are_evaluated(synthet
                   split="test", val_data=str(synthetic_shards), seconds=2.5, **splits)
     spec = repr(f"{synthetic_shards} (split test)")
     assert str(err.value) == message.format(spec=spec, n=len(keys), key=keys[0])
+
+
+def test_statement_model_answers_a_coarser_task_from_member_statements():
+    """A supervised model on every statement (ptbxl-all) scores superclasses like zero-shot does:
+    noisy-OR / max / mean of the member statements' probabilities, by hand."""
+    from open_clip_ecg.baselines import answer_from_statements
+    from open_clip_ecg.embed import ShardRecords
+    from open_clip_ecg.tasks import get_task
+
+    task = get_task("ptbxl-super")
+    codes = ["NORM", "1AVB", "CLBBB", "IMI", "NDT", "LVH"]
+    p = np.array([[0.9, 0.1, 0.2, 0.0, 0.3, 0.5],
+                  [0.1, 0.5, 0.4, 0.8, 0.0, 0.0]])
+    records = ShardRecords(keys=["a", "b"], label_codes=[["NORM"], ["1AVB", "IMI"]],
+                           metas=[{"scp_codes": {"NORM": 100.0}}, {"scp_codes": {"1AVB": 100.0, "IMI": 100.0}}])
+    col = {code: i for i, code in enumerate(task.codes)}
+    noisy_or = answer_from_statements(task, codes, p, records, "two records", "noisy-or")
+    assert noisy_or.y_score[0, col["CD"]] == pytest.approx(1 - 0.9 * 0.8)
+    assert noisy_or.y_score[1, col["CD"]] == pytest.approx(1 - 0.5 * 0.6)
+    assert noisy_or.y_score[1, col["MI"]] == pytest.approx(0.8)
+    assert noisy_or.y_score[0, col["HYP"]] == pytest.approx(0.5)
+    assert noisy_or.y_true[1].tolist() == [task.codes[j] in ("CD", "MI") for j in range(len(task.codes))]
+    assert answer_from_statements(task, codes, p, records, "two records", "max").y_score[1, col["CD"]] == pytest.approx(0.5)
+    assert answer_from_statements(task, codes, p, records, "two records", "mean").y_score[0, col["CD"]] == pytest.approx(0.15)
+    with pytest.raises(ValueError, match=r"\['HYP'\] have no member among the model's 5 labels"):
+        answer_from_statements(task, codes[:-1], p[:, :-1], records, "two records")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import timm
@@ -39,6 +39,7 @@ from .reporting import headline_line, write_report
 from .scoring import (
     EvaluationResult,
     add_evaluation_arguments,
+    aggregate_probabilities,
     check_disjoint,
     choose_thresholds,
     describe_shards,
@@ -46,7 +47,7 @@ from .scoring import (
     resolve_task,
     summarize,
 )
-from .tasks import Task
+from .tasks import Task, member_indices
 
 _LOGGER = logging.getLogger(__name__)
 CHECKPOINT_NAME = "supervised.pt"
@@ -83,13 +84,33 @@ def predict_probabilities(model: torch.nn.Module, ecg: torch.Tensor) -> torch.Te
     return torch.sigmoid(model(ecg.to(parameter.device, parameter.dtype)))
 
 
-def score_supervised(model, task: Task, shards, spec: str, trained: Dict, batch_size: int, workers: int):
-    """The model's probabilities on `shards`, cropped to ``trained["n_samples"]``; shards at another rate
-    than ``trained["sampling_rate"]`` (the model's) are refused."""
+def predict_supervised(model, shards, trained: Dict, batch_size: int, workers: int):
+    """(probabilities ``[N, n_labels]``, records) of the model on `shards`, cropped to
+    ``trained["n_samples"]``; shards at another rate than ``trained["sampling_rate"]`` (the model's) are refused."""
     check_shards_fit(trained, read_shard_info(shards))
-    probabilities, records = map_shards(lambda ecg: predict_probabilities(model, ecg), shards, trained["n_samples"],
-                                        model_leads(model), batch_size, workers, desc="predict")
+    return map_shards(lambda ecg: predict_probabilities(model, ecg), shards, trained["n_samples"],
+                      model_leads(model), batch_size, workers, desc="predict")
+
+
+def score_supervised(model, task: Task, shards, spec: str, trained: Dict, batch_size: int, workers: int):
+    """The model's probabilities on `shards` beside `task`'s targets (the task it was trained for)."""
+    probabilities, records = predict_supervised(model, shards, trained, batch_size, workers)
     return labelled_scores(task, records, probabilities, spec)
+
+
+def answer_from_statements(task: Task, statement_codes: Sequence[str], probabilities: np.ndarray, records, spec: str,
+                           aggregate: str = "noisy-or"):
+    """A model trained on statements (e.g. ``--task ptbxl-all``) answering a coarser `task`: each label
+    is the `aggregate` of its member statements' probabilities, the rule zero-shot scoring uses
+    (:func:`open_clip_ecg.scoring.aggregate_probabilities`), so one model for every finding can be
+    compared with one model for every task."""
+    members = member_indices(task, statement_codes)
+    missing = [label.code for label, ids in zip(task.labels, members) if not ids]
+    if missing:
+        raise ValueError(f"task {task.name!r}: labels {missing} have no member among the model's "
+                         f"{len(statement_codes)} labels; train it on the statements the task groups (e.g. ptbxl-all)")
+    answered = aggregate_probabilities(torch.as_tensor(probabilities, dtype=torch.float64), members, aggregate)
+    return labelled_scores(task, records, answered.numpy(), spec)
 
 
 def save_supervised(path: str, model: torch.nn.Module, about: Dict) -> None:

@@ -251,16 +251,22 @@ def finding_groups(task_names: Sequence[str], vocabulary_codes: Sequence[str]) -
     (``--ecg-finding-groups``). Members are read in every code system the task names (SCP
     statements for PTB-XL shards, SNOMED codes for Challenge shards); a label with no member in the
     vocabulary gets no ids (the caller reports it)."""
-    index = {str(code): i for i, code in enumerate(vocabulary_codes)}
     groups = []
     for task_name in task_names:
         if task_name == "labels":
             raise ValueError("finding groups come from a task with its own label hierarchy (ptbxl-super, "
                              "ptbxl-sub, cinc, ...); 'labels' is the vocabulary itself")
-        for label in get_task(task_name).labels:
-            codes = set().union(*label.members.values())
-            groups.append((label.name, sorted(index[code] for code in codes if code in index)))
+        task = get_task(task_name)
+        groups += [(label.name, ids) for label, ids in zip(task.labels, member_indices(task, vocabulary_codes))]
     return groups
+
+
+def member_indices(task: Task, codes: Sequence[str]) -> List[List[int]]:
+    """Per label of `task`, the positions in `codes` of its member codes, read in every code system
+    the task names (e.g. the statements of a superclass among a statement-level model's outputs)."""
+    index = {str(code): i for i, code in enumerate(codes)}
+    return [sorted(index[code] for code in set().union(*label.members.values()) if code in index)
+            for label in task.labels]
 
 
 def get_task(name: str, vocabulary: Optional[Sequence[Mapping]] = None) -> Task:
