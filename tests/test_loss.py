@@ -299,6 +299,10 @@ def test_finding_text_loss_against_a_hand_computed_bce(finding_targets, targets)
     identity = MultiLabelSigLipLoss(targets="identity", finding_targets=finding_targets)
     assert float(identity(image, text, scale, bias, labels=labels, finding_features=findings,
                           output_dict=True)["finding_text_loss"]) == pytest.approx(expected, rel=1e-12)
+    weighted = MultiLabelSigLipLoss(finding_targets=finding_targets, finding_weight=4.0)(
+        image, text, scale, bias, labels=labels, finding_features=findings, output_dict=True)
+    assert float(weighted["finding_text_loss"]) == pytest.approx(4 * expected, rel=1e-12)
+    assert torch.equal(weighted["contrastive_loss"], without)
 
 
 def test_finding_features_that_do_not_fit_are_refused():
@@ -318,3 +322,5 @@ def test_finding_features_that_do_not_fit_are_refused():
             image, text, scale, bias, finding_features=torch.randn(5, 6))
     with pytest.raises(ValueError, match="finding_targets must be None or one of"):
         MultiLabelSigLipLoss(finding_targets="membership")
+    with pytest.raises(ValueError, match="finding_weight must be > 0, got 0"):
+        MultiLabelSigLipLoss(finding_targets="contains", finding_weight=0)

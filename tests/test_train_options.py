@@ -122,7 +122,8 @@ def test_every_rejected_flag_fails_in_one_line_with_its_advice(synthetic_shards,
     assert "Traceback" not in err and not (tmp_path / "rejected").exists()  # refused before open_clip starts
 
 
-@pytest.mark.parametrize("finding_texts, extra", [("jaccard", ["--accum-freq", "2"]), ("contains", [])])
+@pytest.mark.parametrize("finding_texts, extra", [("jaccard", ["--accum-freq", "2"]),
+                                                   ("contains", ["--ecg-finding-weight", "4"])])
 def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synthetic_shards, tmp_path,
                                                                            finding_texts, extra):
     """--ecg-finding-texts: every step embeds one text per vocabulary finding and the loss gains a
@@ -133,7 +134,8 @@ def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synt
                                      "0", *extra)]) == 0
     log = (run / "out.log").read_text()
     n_findings = len(json.loads((synthetic_shards / "vocabulary.json").read_text()))
-    assert f"meets {n_findings} finding texts per step (0 of them groups), {finding_texts} targets" in log
+    weight = extra[-1] if "--ecg-finding-weight" in extra else "1"
+    assert f"meets {n_findings} finding texts per step (0 of them groups), {finding_texts} targets, weight {weight}" in log
     losses = [float(v) for v in re.findall(r"Finding_text_loss: ([\d.]+)", log)]
     assert losses and all(np.isfinite(losses)) and min(losses) > 0
     assert ecg_options_logged(run)["ecg_finding_texts"] == finding_texts
@@ -178,6 +180,16 @@ def test_finding_groups_need_finding_texts(synthetic_shards, tmp_path, capsys):
     assert cli(["train", *train_args(synthetic_shards, tmp_path, "groups-alone",
                                      "--ecg-finding-groups", "ptbxl-super")]) == 2
     assert "--ecg-finding-groups adds finding texts: use it with --ecg-finding-texts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ecg-finding-weight", "4"], "--ecg-finding-weight weighs the finding texts: use it with --ecg-finding-texts"),
+    (["--ecg-finding-texts", "contains", "--ecg-finding-weight", "0"], "--ecg-finding-weight must be > 0, got 0.0"),
+])
+def test_finding_weight_needs_finding_texts_and_a_positive_value(synthetic_shards, tmp_path, capsys, flags, message):
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "weight", *flags)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_finding_texts_cannot_come_from_a_text_cache(synthetic_shards, tmp_path, capsys):

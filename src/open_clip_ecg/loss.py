@@ -143,6 +143,7 @@ class MultiLabelSigLipLoss(SigLipLoss):
             targets: str = "jaccard",
             finding_targets: Optional[str] = None,
             finding_members: Optional[torch.Tensor] = None,
+            finding_weight: float = 1.0,
     ):
         super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
         if targets not in TARGET_MODES:
@@ -152,8 +153,11 @@ class MultiLabelSigLipLoss(SigLipLoss):
         if finding_members is not None and (finding_members.ndim != 2 or not bool((finding_members.sum(1) > 0).all())):
             raise ValueError("finding_members must be a [n_texts, n_labels] multi-hot matrix naming at least one "
                              f"finding per text, got shape {tuple(finding_members.shape)}")
+        if not finding_weight > 0:
+            raise ValueError(f"finding_weight must be > 0, got {finding_weight}")
         self.targets = targets
         self.finding_targets = finding_targets
+        self.finding_weight = finding_weight
         self.finding_members = finding_members
 
     def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor, target_fn=None) -> torch.Tensor:
@@ -214,7 +218,7 @@ class MultiLabelSigLipLoss(SigLipLoss):
                              f"(finding_targets={self.finding_targets!r})")
         if finding_features is not None:
             _check_labels(labels, image_features.shape[0], f"finding_targets={self.finding_targets!r}")
-            losses["finding_text_loss"] = self.finding_text_loss(
+            losses["finding_text_loss"] = self.finding_weight * self.finding_text_loss(
                 image_features, finding_features, labels.to(finding_features.dtype), logit_scale, logit_bias)
         return losses if output_dict else sum(losses.values())
 

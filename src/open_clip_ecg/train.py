@@ -150,6 +150,9 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
                             "several vocabulary findings (e.g. ptbxl-super: 'conduction disturbance' is "
                             "present when any of 1AVB, CLBBB, ... is), so coarse questions are trained in "
                             "their own words")
+    group.add_argument("--ecg-finding-weight", type=float, default=1.0,
+                       help="with --ecg-finding-texts: weight of the finding-text term against the report "
+                            "pairs' (default 1)")
     group.add_argument("--ecg-init-logit-bias", type=_bias_value, default=-10.0,
                        help="initial SigLIP logit bias: a number (default -10, SigLIP's; it assumes huge "
                             "batches where nearly every pair is negative) or 'auto': logit of the mean pair "
@@ -278,7 +281,11 @@ def finding_text_tokens(args) -> Optional[FindingTextTokens]:
     if args.ecg.ecg_finding_texts == "off":
         if args.ecg.ecg_finding_groups:
             raise ValueError("--ecg-finding-groups adds finding texts: use it with --ecg-finding-texts contains|jaccard")
+        if args.ecg.ecg_finding_weight != 1.0:
+            raise ValueError("--ecg-finding-weight weighs the finding texts: use it with --ecg-finding-texts contains|jaccard")
         return None
+    if not args.ecg.ecg_finding_weight > 0:
+        raise ValueError(f"--ecg-finding-weight must be > 0, got {args.ecg.ecg_finding_weight}")
     if not args.train_data:
         raise ValueError("--ecg-finding-texts reads the finding names of the --train-data vocabulary")
     vocabulary = read_shard_info(expand_shards(args.train_data))["vocabulary"]
@@ -576,13 +583,15 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
         if finding_targets:
             finding_texts = finding_tokens.finding_texts
             logging.info(f"Finding texts: every ECG also meets {len(finding_texts)} finding texts per step "
-                         f"({len(finding_texts) - finding_texts.n_findings} of them groups), {finding_targets} targets")
+                         f"({len(finding_texts) - finding_texts.n_findings} of them groups), {finding_targets} targets, "
+                         f"weight {args.ecg.ecg_finding_weight:g}")
             for name, reason in finding_texts.skipped:
                 logging.info(f"--ecg-finding-groups: no text for {name!r}: {reason}")
         return MultiLabelSigLipLoss(
             targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
             finding_targets=finding_targets,
-            finding_members=finding_tokens.finding_texts.members() if finding_targets else None)
+            finding_members=finding_tokens.finding_texts.members() if finding_targets else None,
+            finding_weight=args.ecg.ecg_finding_weight)
 
     replacements = [
         (compat.PARSE_ARGS, parse_args),
