@@ -48,6 +48,10 @@ def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     assert [row["n_shards"] for row in curve] == sorted(row["n_shards"] for row in curve) and len(curve) == 2
     assert curve[0]["n_records"] < curve[1]["n_records"]
     assert set(curve[0]["supervised"]) == {"ptbxl-super", "ptbxl-rhythm"} and "Learning curve" in table
+    norm = [row["per_label"]["supervised"]["ptbxl-super"]["NORM"] for row in curve]  # per label, both sizes
+    assert all(n["n_positive"] > 0 and 0 <= n["auroc"] <= 1 for n in norm)
+    assert set(curve[1]["per_label"]["zero-shot"]) == set(curve[1]["zero-shot"])
+    assert "### ptbxl-rhythm per label against training records" in table
     # the finding diagnosis runs on a checkpoint the study trained (ECG side vs text side, fold 7)
     checkpoint = out / "logs" / f"{best['setting']}-jaccard-seed0" / "checkpoints" / "epoch_1.pt"
     diagnosis = tmp_path / "diagnosis.json"
