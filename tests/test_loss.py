@@ -305,6 +305,37 @@ def test_finding_text_loss_against_a_hand_computed_bce(finding_targets, targets)
     assert torch.equal(weighted["contrastive_loss"], without)
 
 
+def test_finding_prior_offsets_each_text_by_its_centred_log_odds_from_earlier_batches():
+    """--ecg-finding-prior: no offset on the first batch; then text k's training logits gain
+    logit(p_k) - mean logit(p), p_k = (positives + 0.5) / (seen + 1) over the earlier batches
+    (a group text counts an ECG with any member); the current batch never moves its own offset."""
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(4, 5, dtype=torch.float64), dim=-1)
+    findings = F.normalize(torch.randn(3, 5, dtype=torch.float64), dim=-1)
+    members = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.float64)  # texts: f0, f1, group {f0, f1}
+    first = torch.tensor([[1, 0], [0, 0], [0, 0], [1, 1]], dtype=torch.float64)
+    second = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 0]], dtype=torch.float64)
+    scale, bias = torch.tensor(5.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+
+    def expected(labels, offset):
+        z = scale * image @ findings.T + bias + torch.tensor(offset, dtype=torch.float64)
+        t = ((labels @ members.T) > 0).double()
+        return float(F.binary_cross_entropy_with_logits(z, t, reduction="sum") / 4)
+
+    loss_fn = MultiLabelSigLipLoss(finding_targets="contains", finding_members=members, finding_prior=True)
+    plain = MultiLabelSigLipLoss(finding_targets="contains", finding_members=members)
+    for labels in (first, second):
+        assert float(plain.finding_text_loss(image, findings, labels, scale, bias)) == pytest.approx(
+            expected(labels, [0.0, 0.0, 0.0]), rel=1e-12)
+    assert float(loss_fn.finding_text_loss(image, findings, first, scale, bias)) == pytest.approx(
+        expected(first, [0.0, 0.0, 0.0]), rel=1e-12)
+    share = np.array([2.5, 1.5, 2.5]) / 5  # the first batch: f0 in 2 ECGs, f1 in 1, the group in 2
+    log_odds = np.log(share / (1 - share))
+    assert float(loss_fn.finding_text_loss(image, findings, second, scale, bias)) == pytest.approx(
+        expected(second, list(log_odds - log_odds.mean())), rel=1e-12)
+    assert loss_fn.finding_seen == 8 and loss_fn.finding_positives.tolist() == [3.0, 3.0, 5.0]
+
+
 def test_finding_features_that_do_not_fit_are_refused():
     image, text, labels = random_batch(batch=4, n_labels=5, dtype=torch.float32)
     scale, bias = torch.tensor(10.0), torch.tensor(-10.0)

@@ -123,7 +123,7 @@ def test_every_rejected_flag_fails_in_one_line_with_its_advice(synthetic_shards,
 
 
 @pytest.mark.parametrize("finding_texts, extra", [("jaccard", ["--accum-freq", "2"]),
-                                                   ("contains", ["--ecg-finding-weight", "4"])])
+                                                   ("contains", ["--ecg-finding-prior", "--ecg-finding-weight", "4"])])
 def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synthetic_shards, tmp_path,
                                                                            finding_texts, extra):
     """--ecg-finding-texts: every step embeds one text per vocabulary finding and the loss gains a
@@ -139,6 +139,9 @@ def test_finding_texts_add_their_loss_term_and_train_the_text_tower_on_them(synt
     losses = [float(v) for v in re.findall(r"Finding_text_loss: ([\d.]+)", log)]
     assert losses and all(np.isfinite(losses)) and min(losses) > 0
     assert ecg_options_logged(run)["ecg_finding_texts"] == finding_texts
+    prior = "--ecg-finding-prior" in extra
+    assert ("log-odds offsets (--ecg-finding-prior)" in log) == prior
+    assert ecg_options_logged(run)["ecg_finding_prior"] == prior
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +188,7 @@ def test_finding_groups_need_finding_texts(synthetic_shards, tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--ecg-finding-weight", "4"], "--ecg-finding-weight weighs the finding texts: use it with --ecg-finding-texts"),
     (["--ecg-finding-texts", "contains", "--ecg-finding-weight", "0"], "--ecg-finding-weight must be > 0, got 0.0"),
+    (["--ecg-finding-prior"], "--ecg-finding-prior offsets the finding texts' logits: use it with --ecg-finding-texts"),
 ])
 def test_finding_weight_needs_finding_texts_and_a_positive_value(synthetic_shards, tmp_path, capsys, flags, message):
     assert cli(["train", *train_args(synthetic_shards, tmp_path, "weight", *flags)]) == 2

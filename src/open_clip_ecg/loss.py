@@ -39,6 +39,17 @@ beside ``contrastive_loss``. Every rank encodes the same finding texts, so this 
 exchange. ``finding_features`` may hold the finding texts several times over (open_clip's
 ``--accum-freq`` concatenates every micro-batch's copy); each copy is one block of pairs and the
 copies are averaged.
+
+Finding priors (``finding_prior``, ``--ecg-finding-prior``): with one shared bias, a rare finding's
+text can only get its low base rate by pointing away from the typical (normal) ECG, so its prompt
+also scores every abnormal ECG high. Logit adjustment (Menon et al., 2021) adds each finding text's
+log-odds of being present, centred over the finding texts, to its training logits only:
+``z_if = s <x_i, t_f> + b + logit(p_f) - mean_g logit(p_g)``. The direction of t_f is then free to
+mean the finding, not its rarity; prompts are scored without the offset. ``p_f`` is the running
+share of training ECGs with (any member of) f, ``(positives + 0.5) / (seen + 1)`` over the batches
+seen before the current one (so the first step has no offset and a batch's own labels never move
+its offset); it restarts on resume and counts each rank's own batches, and settles within a few
+steps either way.
 """
 from typing import Optional
 
@@ -132,6 +143,9 @@ class MultiLabelSigLipLoss(SigLipLoss):
             targets of ECG x finding-text pairs when ``finding_features`` are passed.
         finding_members: ``[n_texts, n_labels]`` multi-hot, the findings each finding text names
             (a group: several); default one text per label, text f naming label f.
+        finding_weight: the finding-text term's weight against the pair term (> 0).
+        finding_prior: add each finding text's centred log-odds to its training logits (logit
+            adjustment, see the module docstring).
     """
 
     def __init__(
@@ -144,6 +158,7 @@ class MultiLabelSigLipLoss(SigLipLoss):
             finding_targets: Optional[str] = None,
             finding_members: Optional[torch.Tensor] = None,
             finding_weight: float = 1.0,
+            finding_prior: bool = False,
     ):
         super().__init__(cache_labels=cache_labels, rank=rank, world_size=world_size, dist_impl=dist_impl)
         if targets not in TARGET_MODES:
@@ -159,6 +174,9 @@ class MultiLabelSigLipLoss(SigLipLoss):
         self.finding_targets = finding_targets
         self.finding_weight = finding_weight
         self.finding_members = finding_members
+        self.finding_prior = finding_prior
+        self.finding_positives: Optional[torch.Tensor] = None  # running counts behind finding_offsets
+        self.finding_seen = 0
 
     def get_targets(self, image_labels: torch.Tensor, text_labels: torch.Tensor, target_fn=None) -> torch.Tensor:
         """Soft targets ``[n_image, n_text]`` in [0, 1] for one block of pairs (by ``targets``
@@ -171,10 +189,12 @@ class MultiLabelSigLipLoss(SigLipLoss):
             return target_fn(image_labels.to(dtype), text_labels.to(dtype))
 
     def _block_loss(self, image_features, text_features, image_labels, text_labels, logit_scale, logit_bias,
-                    target_fn=None):
+                    target_fn=None, logit_offset: Optional[torch.Tensor] = None):
         logits = self.get_logits(image_features, text_features, logit_scale, logit_bias)
         # The BCE runs in at least float32: soft targets like 1/3 would be rounded in bf16.
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        if logit_offset is not None:
+            logits = logits + logit_offset.to(logits)
         targets = self.get_targets(image_labels, text_labels, target_fn).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / image_features.shape[0]
 
@@ -190,10 +210,24 @@ class MultiLabelSigLipLoss(SigLipLoss):
         if finding_features.ndim != 2 or rest or not copies or finding_features.shape[1] != image_features.shape[1]:
             raise ValueError(f"finding_features must be [k x {n_texts} finding texts, {image_features.shape[1]}] "
                              f"(one row per finding text, k copies), got {tuple(finding_features.shape)}")
-        stated = members.to(device=labels.device, dtype=labels.dtype).repeat(copies, 1)
-        loss = self._block_loss(image_features, finding_features, labels, stated, logit_scale, logit_bias,
-                                FINDING_TARGETS[self.finding_targets])
+        members = members.to(device=labels.device, dtype=labels.dtype)
+        offset = self.finding_offsets(labels, members).repeat(copies) if self.finding_prior else None
+        loss = self._block_loss(image_features, finding_features, labels, members.repeat(copies, 1), logit_scale,
+                                logit_bias, FINDING_TARGETS[self.finding_targets], offset)
         return loss / copies
+
+    @torch.no_grad()
+    def finding_offsets(self, labels: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``finding_prior``: each finding text's centred log-odds from the batches seen so far
+        ``[n_texts]`` (zeros before the first batch), then counts this batch's ECGs."""
+        present = present_targets(labels.float(), members.float()).sum(0).to("cpu", torch.float64)
+        if self.finding_positives is None or self.finding_positives.shape != present.shape:
+            self.finding_positives, self.finding_seen = torch.zeros_like(present), 0
+        share = (self.finding_positives + 0.5) / (self.finding_seen + 1)
+        log_odds = torch.log(share) - torch.log1p(-share)
+        self.finding_positives += present
+        self.finding_seen += labels.shape[0]
+        return (log_odds - log_odds.mean()).to(labels.device, labels.dtype)
 
     def forward(
             self,

@@ -153,6 +153,11 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
     group.add_argument("--ecg-finding-weight", type=float, default=1.0,
                        help="with --ecg-finding-texts: weight of the finding-text term against the report "
                             "pairs' (default 1)")
+    group.add_argument("--ecg-finding-prior", action="store_true",
+                       help="with --ecg-finding-texts: add each finding text's log-odds (its share of the "
+                            "training ECGs seen so far, centred) to its training logits, so a rare "
+                            "finding's text need not point away from normal ECGs (logit adjustment); "
+                            "prompts are scored without it")
     group.add_argument("--ecg-init-logit-bias", type=_bias_value, default=-10.0,
                        help="initial SigLIP logit bias: a number (default -10, SigLIP's; it assumes huge "
                             "batches where nearly every pair is negative) or 'auto': logit of the mean pair "
@@ -283,6 +288,9 @@ def finding_text_tokens(args) -> Optional[FindingTextTokens]:
             raise ValueError("--ecg-finding-groups adds finding texts: use it with --ecg-finding-texts contains|jaccard")
         if args.ecg.ecg_finding_weight != 1.0:
             raise ValueError("--ecg-finding-weight weighs the finding texts: use it with --ecg-finding-texts contains|jaccard")
+        if args.ecg.ecg_finding_prior:
+            raise ValueError("--ecg-finding-prior offsets the finding texts' logits: use it with "
+                             "--ecg-finding-texts contains|jaccard")
         return None
     if not args.ecg.ecg_finding_weight > 0:
         raise ValueError(f"--ecg-finding-weight must be > 0, got {args.ecg.ecg_finding_weight}")
@@ -584,14 +592,15 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
             finding_texts = finding_tokens.finding_texts
             logging.info(f"Finding texts: every ECG also meets {len(finding_texts)} finding texts per step "
                          f"({len(finding_texts) - finding_texts.n_findings} of them groups), {finding_targets} targets, "
-                         f"weight {args.ecg.ecg_finding_weight:g}")
+                         f"weight {args.ecg.ecg_finding_weight:g}"
+                         + (", log-odds offsets (--ecg-finding-prior)" if args.ecg.ecg_finding_prior else ""))
             for name, reason in finding_texts.skipped:
                 logging.info(f"--ecg-finding-groups: no text for {name!r}: {reason}")
         return MultiLabelSigLipLoss(
             targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
             finding_targets=finding_targets,
             finding_members=finding_tokens.finding_texts.members() if finding_targets else None,
-            finding_weight=args.ecg.ecg_finding_weight)
+            finding_weight=args.ecg.ecg_finding_weight, finding_prior=args.ecg.ecg_finding_prior)
 
     replacements = [
         (compat.PARSE_ARGS, parse_args),
