@@ -220,12 +220,17 @@ class MultiLabelSigLipLoss(SigLipLoss):
     def finding_offsets(self, labels: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """``finding_prior``: each finding text's centred log-odds from the batches seen so far
         ``[n_texts]`` (zeros before the first batch), then counts this batch's ECGs."""
-        present = present_targets(labels.float(), members.float()).sum(0).to("cpu", torch.float64)
-        if self.finding_positives is None or self.finding_positives.shape != present.shape:
-            self.finding_positives, self.finding_seen = torch.zeros_like(present), 0
+        # counted on the labels' device (no host sync per step), in at least float32 (bf16 counts are not exact)
+        dtype = torch.promote_types(labels.dtype, torch.float32)
+        present = present_targets(labels.to(dtype), members.to(dtype)).sum(0)
+        if self.finding_positives is None:
+            self.finding_positives = torch.zeros_like(present)
+        elif self.finding_positives.shape != present.shape:
+            raise ValueError(f"finding_prior counted {self.finding_positives.shape[0]} finding texts so far, "
+                             f"this batch has {present.shape[0]}: one loss serves one set of finding texts")
         share = (self.finding_positives + 0.5) / (self.finding_seen + 1)
         log_odds = torch.log(share) - torch.log1p(-share)
-        self.finding_positives += present
+        self.finding_positives = self.finding_positives.to(present.device) + present
         self.finding_seen += labels.shape[0]
         return (log_odds - log_odds.mean()).to(labels.device, labels.dtype)
 
