@@ -606,7 +606,8 @@ def main(argv=None) -> int:
     if "report" not in args.stages:
         return 0
     differences = {}
-    for other in (t for t in args.targets if t != "jaccard" and "jaccard" in args.targets):
+    others = [t for t in args.targets if t != "jaccard"] if "jaccard" in args.targets else []
+    for other in others:
         differences[f"jaccard − {other}"] = {
             t: paired_difference(run_scores(args.out, runs, "jaccard"), run_scores(args.out, runs, other), t,
                                  args.bootstrap) for t in TASKS}
