@@ -77,6 +77,20 @@ def test_train_supervised_cli_checkpoint_and_report(synthetic_shards, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+def test_train_supervised_cli_on_the_rr_tower(synthetic_shards, tmp_path):
+    """`--arch ecg_resnet1d18_rr`: the baseline on the tower with RR channels, fed them in training,
+    validation and the test report (the fair comparison for ECG-RN18-RR-CLIPText)."""
+    out = tmp_path / "supervised-rr"
+    result = run_cli("train-supervised", "--task", "labels", "--train-data", synthetic_shards, "--train-split", "train",
+                     "--data", synthetic_shards, "--split", "test", "--val-data", synthetic_shards, "--val-split", "val",
+                     "--out", out, "--epochs", "1", "--seconds", "2.5", "--batch-size", "32", "--bootstrap", "20",
+                     "--arch", "ecg_resnet1d18_rr")
+    assert result.returncode == 0, result.stderr
+    model, checkpoint = load_supervised(str(out / "supervised.pt"))
+    assert checkpoint["arch"] == "ecg_resnet1d18_rr" and model.conv1.in_channels == 14
+    assert json.loads((out / "metrics.json").read_text())["data"]["records_evaluated"] > 0
+
+
 def test_probe_cli_reports_each_label_fraction(synthetic_shards, tmp_path):
     torch.manual_seed(0)
     model = open_clip.create_model("ECG-RN18-CLIPText")

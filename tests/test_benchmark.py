@@ -16,7 +16,7 @@ def test_benchmark_suite_quick(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "benchmark.json").read_text())
     names = {r["name"] for r in report["results"]}
-    assert {"towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache"} <= names
+    assert {"towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache", "rr_channels"} <= names
     for r in report["results"]:
         assert r["ratios"] and all(v > 0 for v in r["ratios"].values()), r
     table = (tmp_path / "benchmark.md").read_text()

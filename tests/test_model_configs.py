@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import open_clip  # noqa: E402
 import open_clip.factory  # noqa: E402
 import pytest  # noqa: E402
+import timm  # noqa: E402
 import torch  # noqa: E402
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer  # noqa: E402
 
@@ -24,7 +25,8 @@ SHIPPED = sorted(p.stem for p in (REPO / "model_configs").glob("*.json"))
 
 
 def _leads(name):
-    return 1 if "1Lead" in name else 6 if "6Lead" in name else 12
+    """Input channels of the config's ECG tower: 12, 6, 1, or 14 (12 leads + the RR channels)."""
+    return timm.models.get_pretrained_cfg(open_clip.get_model_config(name)["vision_cfg"]["timm_model_name"]).input_size[0]
 
 
 def _ecg(batch, leads, samples, seed=0):

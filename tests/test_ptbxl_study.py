@@ -70,3 +70,16 @@ def test_study_runs_end_to_end_on_a_tiny_budget(ptbxl_dir, tmp_path):
     # a re-run reuses every checkpoint and score: nothing is trained again
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "Start epoch" not in again.stderr + again.stdout
+
+
+@pytest.mark.slow
+def test_rr_feature_script_ranks_rate_findings_from_beats_alone(ptbxl2k_dir, tmp_path):
+    """scripts/ptbxl_rr_features.py on the real records: the mean RR interval separates sinus
+    bradycardia and tachycardia almost perfectly (a check on the beats behind the RR channels)."""
+    out = tmp_path / "rr.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "ptbxl_rr_features.py"), "--ptbxl", str(ptbxl2k_dir),
+                             "--codes", "SBRAD", "STACH", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads(out.read_text())["groups"]["training folds 1-6"]
+    assert table["SBRAD"]["auroc"]["mean RR"] > 0.9 and table["STACH"]["auroc"]["mean RR"] < 0.1
+    assert "| fold 7 | SBRAD |" in result.stdout

@@ -6,6 +6,7 @@ import sys
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from open_clip_ecg.scoring import ALL_SCORING_RULES, ScoringRules
 
@@ -67,3 +68,19 @@ def test_quickstart_rejects_a_bad_data_spec(tmp_path):
     assert result.returncode != 0
     assert "expected ptbxl:PATH, cinc:PATH or csv:PATH" in result.stderr
 
+
+
+@pytest.mark.slow
+def test_quickstart_on_real_ptbxl_trains_the_fold7_winner(ptbxl_dir, tmp_path):
+    """`--data ptbxl:PATH` uses the PTB-XL recipe: the RR tower, its training flags, the four tasks."""
+    out = tmp_path / "qs-ptbxl"
+    cmd = [sys.executable, "-m", "open_clip_ecg.cli", "quickstart", "--out", str(out), "--data", f"ptbxl:{ptbxl_dir}",
+           "--epochs", "1", "--batch-size", "32", "--bootstrap", "20", "--workers", "1", "--choose", "last"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training ECG-RN18-RR-CLIPText for 1 epoch(s)" in result.stderr
+    saved = torch.load(out / "logs" / "quickstart" / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
+    assert saved["ecg_preprocess"]["leads"][-2:] == ["RR-ratio", "HR"]
+    assert saved["state_dict"]["visual.trunk.conv1.weight"].shape[1] == 14
+    for task in ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"):
+        assert f"zero-shot {task}: macro_auroc" in result.stdout

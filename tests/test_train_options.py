@@ -200,3 +200,23 @@ def test_finding_texts_cannot_come_from_a_text_cache(synthetic_shards, tmp_path,
     assert cli(["train", *train_args(synthetic_shards, tmp_path, "cached", "--ecg-finding-texts", "jaccard",
                                      "--ecg-text-cache", str(tmp_path / "no-cache"))]) == 2
     assert "--ecg-finding-texts composes new texts every step" in capsys.readouterr().err
+
+
+def test_rr_tower_trains_records_its_channels_and_embeds_raw_signals(synthetic_shards, tmp_path):
+    """ECG-RN18-RR-CLIPText: the lead set "12+rr" comes from the tower, the checkpoint records it, and
+    every consumer (zero-shot validation in training, embed_shards, the raw-signal preprocess)
+    appends the RR channels the tower takes."""
+    from open_clip_ecg import create_model_and_transforms
+    from open_clip_ecg.embed import embed_shards
+
+    assert cli(["train", *train_args(synthetic_shards, tmp_path, "rr", "--zeroshot-frequency", "1",
+                                     model="ECG-RN18-RR-CLIPText")]) == 0
+    run = tmp_path / "rr"
+    saved = checkpoint(run)
+    assert saved["ecg_preprocess"]["leads"] == LEAD_SETS["12+rr"]
+    assert saved["state_dict"]["visual.trunk.conv1.weight"].shape[1] == 14
+    model, _, preprocess = create_model_and_transforms("ECG-RN18-RR-CLIPText", str(run / "checkpoints" / "epoch_1.pt"))
+    embedded = embed_shards(model, str(synthetic_shards / "val-*.tar"))
+    assert embedded.embeddings.shape[1] == 256 and np.isfinite(embedded.embeddings).all()
+    raw = np.random.default_rng(0).standard_normal((12, 5000)).astype(np.float32)  # 500 Hz, 10 s
+    assert preprocess(raw, 500, LEAD_SETS["12"]).shape == (14, 1000)

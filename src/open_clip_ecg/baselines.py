@@ -89,7 +89,8 @@ def predict_supervised(model, shards, trained: Dict, batch_size: int, workers: i
     ``trained["n_samples"]``; shards at another rate than ``trained["sampling_rate"]`` (the model's) are refused."""
     check_shards_fit(trained, read_shard_info(shards))
     return map_shards(lambda ecg: predict_probabilities(model, ecg), shards, trained["n_samples"],
-                      model_leads(model), batch_size, workers, desc="predict")
+                      model_leads(model), batch_size, workers, desc="predict",
+                      sampling_rate=trained["sampling_rate"])
 
 
 def score_supervised(model, task: Task, shards, spec: str, trained: Dict, batch_size: int, workers: int):
@@ -144,7 +145,8 @@ def train_supervised(task, train_data, *, train_split: Optional[str] = None, val
     n_samples = crop_length(info, seconds)
     crop = {"n_samples": n_samples, "sampling_rate": info["sampling_rate"]}
     model = create_supervised_model(arch, len(task.labels)).to(device)
-    preparer = ECGSamplePreparer(n_samples, len(task.labels), train=True, leads=model_leads(model))
+    preparer = ECGSamplePreparer(n_samples, len(task.labels), train=True, leads=model_leads(model),
+                                   sampling_rate=info["sampling_rate"])
     data = make_epoch_loader(train_shards, TaskTargets(task, preparer), _collate_examples, batch_size=batch_size,
                              workers=workers, seed=seed)
     steps = epochs * data.dataloader.num_batches

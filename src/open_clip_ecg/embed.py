@@ -83,13 +83,14 @@ def crop_length(info: Dict, seconds: Optional[float] = None, flag: str = "--seco
 
 def map_shards(fn: Callable[[torch.Tensor], torch.Tensor], shards: Sequence[str], n_samples: int,
                leads: Sequence[str], batch_size: int = 64, workers: int = 0, desc: str = "ECGs",
-               normalize: str = "center"):
+               normalize: str = "center", sampling_rate: Optional[float] = None):
     """``fn(ecg batch)`` over every record of `shards`: (outputs [N, ...] numpy, records in the same order).
+    `sampling_rate` (the shards') is needed when `leads` include the RR channels.
 
     The order is the shards' with ``workers=0``; more workers interleave shards (records stay aligned)."""
     chunks, records = [], ShardRecords([], [], [])
     loader = make_eval_loader(shards, n_samples=n_samples, batch_size=batch_size, workers=workers, leads=leads,
-                              normalize=normalize)
+                              normalize=normalize, sampling_rate=sampling_rate)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=None):  # bar on terminals only
         chunks.append(fn(batch["ecg"]).detach().cpu().float().numpy())
         records.keys.extend(batch["keys"])
@@ -113,7 +114,7 @@ def embed_shards(model, shards, *, seconds: Optional[float] = None, batch_size: 
     embeddings, records = map_shards(
         lambda ecg: encode_ecg(model, ecg, batch_size=batch_size, normalize=normalize),
         shards, n_samples, model_leads(model), batch_size, workers, desc="embed",
-        normalize=trained["normalize"] if trained is not None else "center")
+        normalize=trained["normalize"] if trained is not None else "center", sampling_rate=info["sampling_rate"])
     return EmbeddedShards(embeddings.astype(np.float32), records, n_samples, info["sampling_rate"], list(shards))
 
 

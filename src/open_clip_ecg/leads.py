@@ -6,9 +6,15 @@ from typing import Dict, List, Sequence
 
 STANDARD_LEADS: List[str] = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
 
+# Input channels derived from the leads rather than recorded (open_clip_ecg.data.rhythm): the
+# current RR interval relative to the record's median, and the heart rate.
+RR_CHANNELS: List[str] = ["RR-ratio", "HR"]
+
 # Named lead sets; a model for a reduced set expects exactly these leads, in this order.
+# "12+rr": the 12 leads followed by the RR channels (towers such as ecg_resnet1d18_rr).
 LEAD_SETS: Dict[str, List[str]] = {
     "12": STANDARD_LEADS,
+    "12+rr": STANDARD_LEADS + RR_CHANNELS,
     "6": ["I", "II", "III", "aVR", "aVL", "aVF"],  # limb leads
     "1": ["I"],
 }

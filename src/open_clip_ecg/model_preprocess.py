@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .data.preprocess import resample, sampling_rate_problem
+from .data.rhythm import split_channels
 from .data.transforms import build_ecg_transform
 from .leads import LEAD_SETS, lead_indices
 
@@ -65,13 +66,16 @@ class ECGPreprocess:
     """Raw signal ``[leads, T]`` (numpy or tensor, mV), its rate and lead names -> model input
     ``[model leads, round(rate * seconds)]`` float32: leads picked and reordered by name, resampled
     (scipy's polyphase filter) to the model's rate, normalised and cropped (random crop of
-    ``seconds`` for training, centre crop of ``eval_seconds`` otherwise; shorter ones zero-padded)."""
+    ``seconds`` for training, centre crop of ``eval_seconds`` otherwise; shorter ones zero-padded),
+    with the RR channels appended when the model takes them."""
 
     def __init__(self, cfg: Dict, train: bool = False):
         self.cfg = cfg
         seconds = cfg["seconds"] if train else cfg["eval_seconds"]
         self.n_samples = int(round(float(cfg["sampling_rate"]) * float(seconds)))
-        self.transform = build_ecg_transform(train=train, n_samples=self.n_samples, normalize=cfg["normalize"])
+        self.leads, with_rr = split_channels(cfg["leads"])
+        self.transform = build_ecg_transform(train=train, n_samples=self.n_samples, normalize=cfg["normalize"],
+                                             rr_sampling_rate=float(cfg["sampling_rate"]) if with_rr else None)
 
     def __call__(self, signal, sampling_rate: float, lead_names: Sequence[str]) -> torch.Tensor:
         signal = signal.detach().cpu().numpy() if isinstance(signal, torch.Tensor) else np.asarray(signal)
@@ -80,7 +84,7 @@ class ECGPreprocess:
                              f"{signal.shape} and {len(lead_names)} lead names")
         if sampling_rate_problem(sampling_rate):
             raise ValueError(f"sampling rate {sampling_rate_problem(sampling_rate)}")
-        signal = signal[lead_indices(lead_names, self.cfg["leads"])].astype(np.float32)
+        signal = signal[lead_indices(lead_names, self.leads)].astype(np.float32)
         if not np.isfinite(signal).all():
             raise ValueError("the signal holds NaN or inf values")
         signal = resample(signal, float(sampling_rate), float(self.cfg["sampling_rate"]))

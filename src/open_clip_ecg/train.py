@@ -337,7 +337,7 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
         n_samples, len(info["vocabulary"]), train=is_train, leads=LEAD_SETS[ecg.ecg_leads],
         normalize=ecg.ecg_normalize,
         amplitude_scale=ecg.ecg_amplitude_scale if is_train else None,
-        lead_dropout=ecg.ecg_lead_dropout if is_train else 0.0)
+        lead_dropout=ecg.ecg_lead_dropout if is_train else 0.0, sampling_rate=info["sampling_rate"])
     if is_train:  # what the checkpoints record (see _torch_for_main)
         ecg.preprocess_cfg = training_preprocess_cfg(args.model, ecg, info)
         names = [v["name"] for v in info["vocabulary"]]

@@ -40,8 +40,9 @@ from ..compat import (  # open_clip_train's, reused as-is: epoch sync and determ
     detshuffle2,
     expand_urls,
 )
-from ..leads import STANDARD_LEADS, lead_indices
+from ..leads import RR_CHANNELS, STANDARD_LEADS, lead_indices
 from .manifest import count_samples, shard_schema
+from .rhythm import split_channels
 from .shard_format import SampleSchema, ShardFormatError, decode_sample, shard_glob
 from .text import TrainingTextSampler
 from .transforms import build_ecg_transform
@@ -199,14 +200,20 @@ def unpack_text_and_labels(packed: torch.Tensor) -> PackedText:
 # --------------------------------------------------------------------------------------------
 
 class ECGSamplePreparer:
-    """Decoded sample -> model-ready ECG (selected leads, crop, normalisation) and label multi-hot."""
+    """Decoded sample -> model-ready ECG (selected leads, crop, normalisation, RR channels when the
+    model takes them; they need the shards' `sampling_rate`) and label multi-hot."""
 
     def __init__(self, n_samples: int, n_labels: int, train: bool, leads: Sequence[str] = STANDARD_LEADS,
-                 normalize: str = "center", amplitude_scale=None, lead_dropout: float = 0.0):
+                 normalize: str = "center", amplitude_scale=None, lead_dropout: float = 0.0,
+                 sampling_rate: Optional[float] = None):
+        leads, with_rr = split_channels(leads)
+        if with_rr and sampling_rate is None:
+            raise ValueError(f"the model takes the RR channels {RR_CHANNELS}: the ECGs' sampling_rate is needed")
         self.lead_index = lead_indices(STANDARD_LEADS, leads)
         self.n_labels = n_labels
         self.transform = build_ecg_transform(train=train, n_samples=n_samples, normalize=normalize,
-                                             amplitude_scale=amplitude_scale, lead_dropout=lead_dropout)
+                                             amplitude_scale=amplitude_scale, lead_dropout=lead_dropout,
+                                             rr_sampling_rate=sampling_rate if with_rr else None)
 
     def ecg(self, sample: Dict) -> torch.Tensor:
         signal = torch.from_numpy(sample["ecg"][self.lead_index])
@@ -345,11 +352,14 @@ def make_val_loader(shards, *, tokenizer: Callable, preparer: ECGSamplePreparer,
 
 def make_eval_loader(shards, n_samples: int, batch_size: int, workers: int = 0,
                      vocab_size: Optional[int] = None, tokenizer: Optional[Callable] = None,
-                     leads: Sequence[str] = STANDARD_LEADS, normalize: str = "center"):
+                     leads: Sequence[str] = STANDARD_LEADS, normalize: str = "center",
+                     sampling_rate: Optional[float] = None):
     """DataLoader of dict batches: ecg [B, leads, n_samples] centre-cropped, labels (multi-hot,
-    when `vocab_size` is given), tokens (when `tokenizer` is given), keys, label_codes, meta, text."""
+    when `vocab_size` is given), tokens (when `tokenizer` is given), keys, label_codes, meta, text.
+    `sampling_rate` (the shards') is needed when `leads` include the RR channels."""
     shards = expand_shards(shards)
-    preparer = ECGSamplePreparer(n_samples, vocab_size or 0, train=False, leads=leads, normalize=normalize)
+    preparer = ECGSamplePreparer(n_samples, vocab_size or 0, train=False, leads=leads, normalize=normalize,
+                                 sampling_rate=sampling_rate)
     pipeline = wds.DataPipeline(
         shard_list(shards, train=False),
         read_tar(),

@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torchvision.transforms import Compose
 
+from ..leads import RR_CHANNELS
+from .rhythm import AppendRRChannels
+
 NORMALIZE_MODES = ("center", "zscore", "none")
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "Compose",
     "LeadDropout",
     "Normalize",
+    "OnLeads",
     "RandomCrop",
     "as_ecg_tensor",
     "build_ecg_transform",
@@ -177,22 +181,48 @@ class LeadDropout:
         return f"{type(self).__name__}(p={self.p})"
 
 
+class OnLeads:
+    """Apply an augmentation to the recorded leads only, not to the derived channels that follow
+    them (rescaling the heart-rate channel would change the heart rate)."""
+
+    def __init__(self, transform, n_derived: int):
+        self.transform, self.n_derived = transform, int(n_derived)
+
+    def __call__(self, signal) -> torch.Tensor:
+        signal = as_ecg_tensor(signal)
+        k = signal.shape[0] - self.n_derived
+        return torch.cat([self.transform(signal[:k]), signal[k:]])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r}, n_derived={self.n_derived})"
+
+
 def build_ecg_transform(train: bool, n_samples: int, normalize: str = "center",
                         amplitude_scale: Optional[Sequence[float]] = None, lead_dropout: float = 0.0,
-                        generator: Optional[torch.Generator] = None) -> Compose:
+                        generator: Optional[torch.Generator] = None,
+                        rr_sampling_rate: Optional[float] = None) -> Compose:
     """The transform for training (random crop + optional augmentations) or evaluation (centre crop).
 
     Normalisation runs on the whole record before cropping, so the baseline estimate uses all
     samples and zero padding sits at the baseline. ``amplitude_scale`` is ``(low, high)`` or
     ``(low, high, p)`` (p defaults to 0.5); augmentations apply only when ``train`` is true.
+    ``rr_sampling_rate`` (the signal's rate) appends the RR channels
+    (:class:`~open_clip_ecg.data.rhythm.AppendRRChannels`), computed on the whole record and left
+    out of the augmentations.
     """
     steps = [Normalize(normalize)]
+    n_derived = 0
+    if rr_sampling_rate is not None:
+        steps.append(AppendRRChannels(rr_sampling_rate))
+        n_derived = len(RR_CHANNELS)
     if not train:
         return Compose(steps + [CenterCrop(n_samples)])
     steps.append(RandomCrop(n_samples, generator=generator))
+    augmentations = []
     if amplitude_scale is not None:
         low, high, *rest = amplitude_scale
-        steps.append(AmplitudeScale(low, high, p=rest[0] if rest else 0.5, generator=generator))
+        augmentations.append(AmplitudeScale(low, high, p=rest[0] if rest else 0.5, generator=generator))
     if lead_dropout > 0:
-        steps.append(LeadDropout(lead_dropout, generator=generator))
+        augmentations.append(LeadDropout(lead_dropout, generator=generator))
+    steps += [OnLeads(a, n_derived) if n_derived else a for a in augmentations]
     return Compose(steps)

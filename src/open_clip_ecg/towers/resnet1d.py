@@ -30,6 +30,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 
 from ..compat import feature_take_indices
+from ..leads import LEAD_SETS
 from ._common import check_ecg_input, default_lead_names, ecg_pretrained_cfg
 
 __all__ = ["BasicBlock1d", "ResNet1d", "SelectAdaptivePool1d"]
@@ -322,6 +323,7 @@ default_cfgs = generate_default_cfgs({
     "ecg_resnet1d34": _cfg(),
     "ecg_resnet1d18_6lead": _cfg(leads=6),
     "ecg_resnet1d18_1lead": _cfg(leads=1),
+    "ecg_resnet1d18_rr": _cfg(leads=len(LEAD_SETS["12+rr"])),
 })
 
 
@@ -347,3 +349,11 @@ def ecg_resnet1d18_6lead(pretrained: bool = False, **kwargs) -> ResNet1d:
 def ecg_resnet1d18_1lead(pretrained: bool = False, **kwargs) -> ResNet1d:
     """1D-ResNet-18 for lead I alone (single-lead / wearable recordings)."""
     return _create_resnet1d("ecg_resnet1d18_1lead", pretrained, **dict(layers=(2, 2, 2, 2), **kwargs))
+
+
+@register_model
+def ecg_resnet1d18_rr(pretrained: bool = False, **kwargs) -> ResNet1d:
+    """1D-ResNet-18 for the 12 leads plus the RR channels (:mod:`open_clip_ecg.data.rhythm`):
+    beat-to-beat timing the convolutions do not compare across a record (sinus arrhythmia)."""
+    kwargs = dict(layers=(2, 2, 2, 2), lead_names=LEAD_SETS["12+rr"], **kwargs)
+    return _create_resnet1d("ecg_resnet1d18_rr", pretrained, **kwargs)

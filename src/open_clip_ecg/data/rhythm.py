@@ -1,0 +1,95 @@
+"""RR-interval input channels: beat-to-beat timing handed to the ECG tower as two extra channels.
+
+Why: a 1D-ResNet on the raw signal sees each beat through a window of a second or two and averages
+those views; it does not compare RR intervals across a record. On PTB-XL folds 1-6 the RR
+interval's coefficient of variation alone ranks sinus arrhythmia at AUROC 0.83, where the zero-shot
+and the supervised 1D-ResNet-18 stay between 0.5 and 0.65 (README, "Sinus arrhythmia and RR channels").
+
+Beats: QRS energy across all the model's leads (band-pass 5-15 Hz, the summed squared slope,
+smoothed over 80 ms), peaks at least 300 ms apart above 35 % of the record's 99th percentile
+(scipy.signal). A hand-composed detector: wfdb's XQRS takes one lead, needs 250 Hz or more (at
+100 Hz its mean RR ranked sinus bradycardia at 0.66 against 0.93 after resampling) and costs ten
+times more (``scripts/benchmarks/bench_rr_channels.py``); on PTB-XL folds 7-8 both rank sinus
+arrhythmia, bradycardia and atrial fibrillation alike from their RR intervals (test_rhythm.py
+compares the beats). From the beats, sample by sample:
+
+- ``RR-ratio``: the current RR interval over the record's median RR, minus 1, times 5
+  (a 10 % longer beat reads 0.5): irregularity relative to the whole record, even in a crop;
+- ``HR``: the current heart rate, (bpm - 70) / 30: bradycardia and tachycardia as a level.
+
+Both are computed on the whole record before cropping. A record with fewer than three detected
+beats gets zeros in both (no rhythm information), which is what a flat or too short record yields.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from scipy.signal import butter, find_peaks, sosfiltfilt
+
+from ..leads import RR_CHANNELS
+
+QRS_BAND = (5.0, 15.0)  # Hz: where QRS energy dominates P and T waves and baseline wander
+SMOOTHING = 0.08  # s
+REFRACTORY = 0.3  # s: no two beats closer (200 bpm)
+THRESHOLD = 0.35  # of the energy's 99th percentile
+
+
+def detect_beats(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
+    """Sample indices of the QRS complexes in ``[leads, T]`` (or one lead ``[T]``)."""
+    signal = np.atleast_2d(np.asarray(signal, dtype=np.float64))
+    rate = float(sampling_rate)
+    if signal.shape[-1] < 2 * rate:  # under two seconds: no RR interval worth a channel
+        return np.zeros(0, dtype=np.int64)
+    high = min(QRS_BAND[1], 0.45 * rate)
+    sos = butter(2, [QRS_BAND[0], high], btype="band", fs=rate, output="sos")
+    slope = np.diff(sosfiltfilt(sos, signal, axis=-1), axis=-1)
+    energy = np.sqrt((slope ** 2).sum(axis=0))
+    width = max(1, int(round(SMOOTHING * rate)))
+    energy = np.convolve(energy, np.ones(width) / width, mode="same")
+    level = np.percentile(energy, 99)
+    if not level > 0:
+        return np.zeros(0, dtype=np.int64)
+    peaks, _ = find_peaks(energy, distance=max(1, int(REFRACTORY * rate)), height=THRESHOLD * level)
+    return peaks
+
+
+def rr_channels(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
+    """``[2, T]`` float32 (:data:`RR_CHANNELS`) for a ``[leads, T]`` signal."""
+    n = np.asarray(signal).shape[-1]
+    out = np.zeros((len(RR_CHANNELS), n), dtype=np.float32)
+    beats = detect_beats(signal, sampling_rate)
+    if len(beats) < 3:
+        return out
+    rr = np.diff(beats) / float(sampling_rate)  # seconds; rr[k] spans beats k..k+1
+    current = rr[np.clip(np.searchsorted(beats[1:], np.arange(n), side="right"), 0, len(rr) - 1)]
+    out[0] = (current / np.median(rr) - 1.0) * 5.0
+    out[1] = (60.0 / current - 70.0) / 30.0
+    return out
+
+
+class AppendRRChannels:
+    """Transform stage: ``[leads, T]`` -> ``[leads + 2, T]``, the RR channels appended (run it on
+    the whole record, before any crop)."""
+
+    def __init__(self, sampling_rate: float):
+        self.sampling_rate = float(sampling_rate)
+
+    def __call__(self, signal: torch.Tensor) -> torch.Tensor:
+        extra = rr_channels(signal.detach().cpu().numpy(), self.sampling_rate)
+        return torch.cat([signal, torch.from_numpy(extra).to(signal.device, signal.dtype)])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sampling_rate={self.sampling_rate:g})"
+
+
+def split_channels(channels: Sequence[str]) -> Tuple[List[str], bool]:
+    """(ECG lead names, whether the RR channels follow) of a model's input channel names; the RR
+    channels must come last and in order, as :class:`AppendRRChannels` appends them."""
+    channels = list(channels)
+    if not any(name in RR_CHANNELS for name in channels):
+        return channels, False
+    if channels[-len(RR_CHANNELS):] != RR_CHANNELS or len(set(channels) & set(RR_CHANNELS)) != len(RR_CHANNELS):
+        raise ValueError(f"input channels {channels}: the RR channels {RR_CHANNELS} must come last, in this order")
+    return channels[:-len(RR_CHANNELS)], True
