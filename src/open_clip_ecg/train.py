@@ -187,7 +187,8 @@ def _bias_value(text: str):
 
 
 def _tower_lead_set(model_name: str) -> str:
-    """The lead set ('12', '6', '1') the model config's ECG tower is built for."""
+    """The lead set ('12', '6', '1', or '12+rr': the 12 leads and the RR channels) the model config's
+    ECG tower is built for."""
     import timm
 
     cfg = open_clip.get_model_config(model_name)
