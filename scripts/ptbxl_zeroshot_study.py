@@ -322,14 +322,15 @@ class Study:
 
     def generalist(self, arch: str) -> Dict:
         """One supervised model for every statement per seed, each task answered from its member
-        statements with the aggregation rule best on fold 7, scored on fold 8: {seed: {task: summary}}."""
+        statements with the aggregation rule best on fold 7, scored on fold 8: {seed: {task: summary}},
+        every task of TASKS (the subclass and form statements too: no specialist is trained for them)."""
         out = {}
         for seed in self.args.seeds:
             model, about, _ = self.supervised_model(GENERALIST_TASK, seed, arch)
             predicted = {split: predict_supervised(model, resolve_shards(self.shards, split), about,
                                                    self.args.batch_size, 0) for split in ("val", "test")}
             out[seed], arrays = {}, {}
-            for task_name in SUPERVISED_TASKS:
+            for task_name in TASKS:
                 task = get_task(task_name)
 
                 def answer(split, rule):
@@ -537,10 +538,10 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
 
         def sup(task_name, value):
             return _mean_sd([value(seed[task_name]) for seed in seeds])
-        cells = [sup(t, lambda r: r["headline"]["macro_auroc"]) if t in SUPERVISED_TASKS else "–" for t in TASKS]
+        cells = [sup(t, lambda r: r["headline"]["macro_auroc"]) if t in seeds[0] else "–" for t in TASKS]
         cells.append(sup("ptbxl-rhythm", lambda r: r["per_label"].get(AF, {}).get("auroc")))
-        cells += [sup("ptbxl-super", lambda r: r["headline"]["micro_f1"]),
-                  sup("ptbxl-super", lambda r: r["headline"]["jaccard_samples"]), "–", "–"]
+        cells += [sup(t, lambda r: r["headline"][metric]) if t in seeds[0] else "–"
+                  for t in ("ptbxl-super", "ptbxl-sub") for metric in ("micro_f1", "jaccard_samples")]
         lines.append(f"| {what}, {len(seeds)} seed(s) | " + " | ".join(cells) + " |")
     lines += ["", "Paper (Takahashi et al. 2026, their data): micro-F1 0.503, sample Jaccard 0.350.", ""]
     for what, by_task in differences.items():
@@ -553,7 +554,7 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
     lines += [""] + curve_table(list(curve))
     lines += ["## Per label (fold 8, AUROC, mean over seeds of the winning targets)", ""]
     winner_runs = [r for r in runs.values() if r["targets"] == args.targets[0]]
-    for task_name in TASKS:  # the supervised columns: the tasks it trains (SUPERVISED_TASKS)
+    for task_name in TASKS:  # the specialists answer SUPERVISED_TASKS only
         lines += [f"### {task_name}", "", "| label | n+ | zero-shot | supervised, per task | supervised, all statements |",
                   "|---|---|---|---|---|"]
         for code, row in winner_runs[0]["tasks"][task_name]["per_label"].items():
@@ -650,7 +651,7 @@ def main(argv=None) -> int:
         differences[f"{args.targets[0]} zero-shot − supervised, one model for {GENERALIST_TASK}"] = {
             t: paired_difference(run_scores(args.out, runs, args.targets[0]),
                                  supervised_scores(args.out, args.seeds, arch, "generalist"), t, args.bootstrap)
-            for t in SUPERVISED_TASKS}
+            for t in TASKS}
     result = {"selection_best": best, "choices": choices, "runs": runs, "supervised_tower": arch, "supervised": supervised,
               "generalist": generalist, "learning_curve": curve,
               "paired_differences": differences, "options": {**vars(args), "rules_grid": [dataclasses.asdict(rules) for rules in args.rules_grid]}}
