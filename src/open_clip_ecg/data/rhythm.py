@@ -2,8 +2,9 @@
 
 Why: a 1D-ResNet on the raw signal sees each beat through a window of a second or two and averages
 those views; it does not compare RR intervals across a record. On PTB-XL folds 1-6 the RR
-interval's coefficient of variation alone ranks sinus arrhythmia at AUROC 0.83, where the zero-shot
-and the supervised 1D-ResNet-18 stay between 0.5 and 0.65 (README, "RR channels: the beat-to-beat timing the tower did not see").
+interval's coefficient of variation alone ranks sinus arrhythmia at AUROC 0.84, where the zero-shot
+and the supervised 1D-ResNet-18 stay between 0.5 and 0.65 (``scripts/ptbxl_rr_features.py``; README,
+"RR channels: the beat-to-beat timing the tower did not see").
 
 Beats: QRS energy across all the model's leads (band-pass 5-15 Hz, the summed squared slope,
 smoothed over 80 ms), peaks at least 300 ms apart above 35 % of the record's 99th percentile
