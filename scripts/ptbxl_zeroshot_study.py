@@ -109,11 +109,16 @@ SELECTION = {
         "text": "sampled", "finding_texts": "contains", "finding_groups": ["ptbxl-super", "ptbxl-sub"],
         "finding_weight": 4, "finding_prior": True},
     # ... with the RR channels (ECG-RN18-RR-CLIPText: beat-to-beat timing as two extra input
-    # channels): sinus arrhythmia ranked 0.49-0.64 by every raw-signal tower, 0.83 by its RR spread alone.
+    # channels): sinus arrhythmia ranked 0.49-0.64 by every raw-signal tower, 0.84 by its RR spread alone.
     "sampled-text+finding-texts-contains+groups+weight4+prior+rr": {
         "model": "ECG-RN18-RR-CLIPText", "text": "sampled", "finding_texts": "contains",
         "finding_groups": ["ptbxl-super", "ptbxl-sub"], "finding_weight": 4, "finding_prior": True},
 }
+
+
+def run_name(setting: str, targets: str, seed: int) -> str:
+    """A zero-shot training run's name: its logs folder and its cached fold-8 scores."""
+    return f"{setting}-{targets}-seed{seed}"
 
 
 def setting_of(row: Dict) -> Dict:
@@ -222,7 +227,7 @@ class Study:
                     rows += json.load(f)
                 continue
             setting = {**BASE, **change}
-            run = f"{name}-jaccard-seed{self.args.seeds[0]}"
+            run = run_name(name, "jaccard", self.args.seeds[0])
             self.train(run, setting, "jaccard", self.args.seeds[0])
             epochs = {self.checkpoint(run, epoch): epoch for epoch in self.args.select_epochs}
             _, candidates = choose_on_validation(setting["model"], list(epochs), self.shards, "val", TASKS,
@@ -270,7 +275,7 @@ class Study:
         setting = setting_of(best)
         runs = {}
         for targets, seed in itertools.product(self.args.targets, self.args.seeds):
-            name = f"{best['setting']}-{targets}-seed{seed}"
+            name = run_name(best["setting"], targets, seed)
             scored, path = (os.path.join(self.cache, f"{name}{ext}") for ext in (".json", ".npz"))
             if os.path.exists(scored) and os.path.exists(path):
                 with open(scored, encoding="utf-8") as f:
@@ -372,7 +377,7 @@ class Study:
             shards = self.train_shards(n_shards)
             n_records = count_samples(shards)
             suffix = "" if n_shards == n_all else f"-{n_shards}shards"
-            name = f"{best['setting']}-jaccard-seed{a.seeds[0]}{suffix}"
+            name = run_name(best["setting"], "jaccard", a.seeds[0]) + suffix
             row = {"n_shards": n_shards, "n_records": n_records, "choices": choices, "zero-shot": {},
                    "supervised": {}, "per_label": {"zero-shot": {}, "supervised": {}}}
             for task, scores, _ in self.task_scores(name, setting, "jaccard", a.seeds[0], choices, ("val",),
@@ -637,7 +642,7 @@ def main(argv=None) -> int:
     runner_up = max((r for r in selection["rows"] if r["setting"] != best["setting"]),
                     key=lambda r: r["fold7_mean"], default=None)
     if runner_up is not None:
-        earlier = [os.path.join(args.out, "scores", f"{runner_up['setting']}-{args.targets[0]}-seed{seed}.npz")
+        earlier = [os.path.join(args.out, "scores", f"{run_name(runner_up['setting'], args.targets[0], seed)}.npz")
                    for seed in args.seeds]
         if all(os.path.exists(path) for path in earlier):
             differences[f"{args.targets[0]} zero-shot, winner − fold-7 runner-up ({runner_up['setting']})"] = {
