@@ -275,3 +275,36 @@ def test_dataloader_workers_refuse_texts_missing_from_the_cache(tiny_qwen3, tmp_
     loader = torch.utils.data.DataLoader(_Texts(open_clip.get_tokenizer(name)), num_workers=1)
     with pytest.raises(ValueError, match="not in the text cache .* run `open-clip-ecg text-cache"):
         next(iter(loader))
+
+
+def test_evaluate_embed_and_probe_take_a_model_paired_with_a_text_cache(text_cache, synthetic_shards, tmp_path,
+                                                                       capsys):
+    """--ecg-text-cache on evaluate/embed/probe pairs the tower as `train` did, so its checkpoint loads."""
+    from types import SimpleNamespace
+
+    from open_clip_ecg.cli import main as cli_main
+    from open_clip_ecg.model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
+
+    out, _ = text_cache
+    name = open_clip_ecg.register_ecg_text_model(f"{BASE}+{out.name}", None, base_model=BASE, text_cache=out)
+    model = open_clip.create_model(name, init_logit_bias=-4)
+    options = SimpleNamespace(ecg_seconds=2.5, ecg_eval_seconds=None, ecg_leads="12", ecg_normalize="center")
+    checkpoint = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "cached", "state_dict": model.state_dict(),
+                ECG_PREPROCESS_KEY: training_preprocess_cfg(name, options,
+                                                            read_shard_info(expand_shards(str(synthetic_shards),
+                                                                                          "train")))}, checkpoint)
+    given = ["--model", BASE, "--pretrained", checkpoint, "--ecg-text-cache", out]
+    shards = ["--data", synthetic_shards, "--split", "test"]
+    assert cli_main(list(map(str, ["evaluate", *given, *shards, "--val-data", synthetic_shards, "--val-split", "val",
+                                   "--bootstrap", "0", "--out", tmp_path / "eval"]))) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["thresholds"]["source"].startswith("valid")
+    assert cli_main(list(map(str, ["embed", *given, *shards, "--out", tmp_path / "emb"]))) == 0
+    assert (tmp_path / "emb" / "embeddings.npy").is_file()
+    assert cli_main(list(map(str, ["probe", *given, *shards, "--train-data", synthetic_shards, "--train-split",
+                                   "train", "--fractions", "1", "--bootstrap", "0", "--out", tmp_path / "probe"]))) == 0
+    assert (tmp_path / "probe" / "probe.json").is_file()
+    capsys.readouterr()
+    # without the cache the checkpoint belongs to another model: one clear line, not a traceback
+    assert cli_main(list(map(str, ["embed", *given[:4], *shards, "--out", tmp_path / "emb2"]))) == 2
+    assert "does not match model" in capsys.readouterr().err

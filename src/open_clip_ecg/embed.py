@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .atomic import write_atomic, write_json_atomic
 from .data.manifest import read_shard_info
 from .data.pipeline import expand_shards, make_eval_loader
-from .factory import load_model
+from .factory import add_model_arguments, load_model_from_args
 from .leads import STANDARD_LEADS
 from .model_preprocess import check_shards_fit
 from .zeroshot import encode_ecg
@@ -143,8 +143,7 @@ def write_embeddings(embedded: EmbeddedShards, out_dir: str, about: Dict) -> Dic
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model config name, e.g. ECG-RN18-MiniLM")
-    parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
+    add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="shards: brace pattern, glob, '::' list, or folder + --split")
     parser.add_argument("--split", default=None, help="split to read when --data is a folder (train/val/test)")
     parser.add_argument("--out", required=True, help="output folder")
@@ -156,7 +155,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    model, _ = load_model(args.model, args.pretrained, device=args.device)
+    model, _ = load_model_from_args(args, device=args.device)
     embedded = embed_shards(model, resolve_shards(args.data, args.split), seconds=args.seconds,
                             batch_size=args.batch_size, workers=args.workers, normalize=not args.no_normalize)
     paths = write_embeddings(embedded, args.out, {"model": args.model, "pretrained": args.pretrained,

@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from . import metrics as M
 from .data.manifest import read_shard_info
 from .embed import EmbeddedShards, embed_shards, model_leads, resolve_shards
-from .factory import load_model
+from .factory import add_model_arguments, load_model, load_model_from_args
 from .reporting import headline_line, write_report
 from .scoring import (
     ALL_SCORING_RULES,
@@ -159,15 +159,14 @@ def choose_on_validation(model_name: str, checkpoints: Sequence[str], val_data, 
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model config name, e.g. ECG-RN18-MiniLM")
-    parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
+    add_model_arguments(parser)
     add_evaluation_arguments(parser)
     parser.add_argument("--prompts", default=None, help="prompt JSON overriding the shipped finding names/templates")
     add_scoring_arguments(parser)
 
 
 def run(args) -> int:
-    model, tokenizer = load_model(args.model, args.pretrained, device=args.device)
+    model, tokenizer = load_model_from_args(args, device=args.device)
     result = evaluate_zeroshot(
         model, tokenizer, args.data, args.task, split=args.split, val_data=args.val_data, val_split=args.val_split,
         prompts=args.prompts, seconds=args.seconds, batch_size=args.batch_size, workers=args.workers,

@@ -18,7 +18,8 @@ from .model_preprocess import ECGPreprocess, read_checkpoint_preprocess
 
 
 def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
-    """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`.
+    """``(model, tokenizer)`` for an ECG model config, in eval mode, weights from `pretrained`; or of
+    an exported folder (``local-dir:DIR``, ``hf-hub:org/repo``, :mod:`.export`), which holds both.
 
     `pretrained` is a checkpoint file: open_clip_train's ``epoch_N.pt`` (``{'epoch', 'name',
     'state_dict', ...}``; a DDP 'module.' prefix is stripped) or a bare state dict, loaded by
@@ -31,9 +32,17 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     ``model.ecg_preprocess``.
     """
     import open_clip
+    from open_clip.factory import parse_model_name
 
+    from .export import exported_preprocess
     from .registry import list_ecg_models
 
+    if parse_model_name(name)[0] is not None:  # an exported folder: weights and preprocessing inside
+        if pretrained is not None:
+            raise ValueError(f"{name} holds its weights: give no --pretrained checkpoint with it")
+        model = open_clip.create_model(name, device=device).eval()
+        model.ecg_preprocess = exported_preprocess(name)
+        return model, open_clip.get_tokenizer(name)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
     if pretrained is not None and not os.path.isfile(pretrained):
@@ -77,19 +86,42 @@ def create_model_and_transforms(model_name: str, pretrained: Optional[str] = Non
     """`model_name` is ``local-dir:DIR`` / ``hf-hub:org/repo`` (an :mod:`.export` folder) or a config
     name with `pretrained` a checkpoint. `preprocess_cfg` overrides what the model records and is
     required for checkpoints that record none. The model is in eval mode, ``model.ecg_preprocess`` set."""
-    import open_clip
-    from open_clip.factory import parse_model_name
-
-    from .export import exported_preprocess
-
-    schema, _ = parse_model_name(model_name)
-    if schema is not None:
-        model = open_clip.create_model(model_name, device=device).eval()
-        model.ecg_preprocess = exported_preprocess(model_name)
-    else:
-        model, _ = load_model(model_name, pretrained, device=device)
+    model, _ = load_model(model_name, pretrained, device=device)
     model.ecg_preprocess = preprocess_cfg or model.ecg_preprocess
     if model.ecg_preprocess is None:
         raise ValueError(f"{model_name} ({pretrained}) records no ECG preprocessing: pass preprocess_cfg="
                          "{'sampling_rate', 'seconds', 'eval_seconds', 'leads', 'normalize'}")
     return model, ECGPreprocess(model.ecg_preprocess, train=True), ECGPreprocess(model.ecg_preprocess, train=False)
+
+
+def add_model_arguments(parser) -> None:
+    """The options that name a trained model, shared by every command that loads one."""
+    parser.add_argument("--model", required=True,
+                        help="an exported folder (local-dir:DIR, hf-hub:org/repo) or a model config name "
+                             "with --pretrained (e.g. ECG-RN18-MiniLM)")
+    parser.add_argument("--pretrained", default=None,
+                        help="checkpoint of a model config name (open_clip_train's epoch_N.pt)")
+    parser.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
+                        help="the local text model the checkpoint was trained with (train's --ecg-text-model)")
+    parser.add_argument("--ecg-text-cache", default=None, metavar="CACHE",
+                        help="the text cache the checkpoint was trained with (train's --ecg-text-cache)")
+
+
+def load_model_from_args(args, device="cpu"):
+    """``(model, tokenizer)`` named by :func:`add_model_arguments`' options; a text model or cache
+    pairs with the --model's ECG tower under the name training gave it (:func:`.registry.pair_text_model`)."""
+    from open_clip.factory import parse_model_name
+
+    from .registry import pair_text_model
+
+    name = args.model
+    if parse_model_name(name)[0] is not None:
+        if args.ecg_text_model or args.ecg_text_cache:
+            raise ValueError(f"{name} is an exported folder, which holds its text tower: --ecg-text-model and "
+                             "--ecg-text-cache pair a model config name with a text model")
+    elif args.pretrained is None:
+        raise ValueError(f"--model {name} is a config name: give its trained weights with --pretrained CKPT "
+                         "(or an exported folder as --model local-dir:DIR)")
+    else:
+        name = pair_text_model(name, args.ecg_text_model, args.ecg_text_cache)
+    return load_model(name, args.pretrained, device=device)

@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 
 from .atomic import write_json_atomic, write_text_atomic
 from .embed import EmbeddedShards, embed_shards, resolve_shards
-from .factory import load_model
+from .factory import add_model_arguments, load_model_from_args
 from .metrics import HEADLINE_METRICS, macro_auroc
 from .reporting import headline_line, write_report
 from .scoring import (
@@ -189,8 +189,7 @@ def write_probe_reports(results: Dict[float, object], out_dir: str) -> Dict[str,
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="model config name, e.g. ECG-RN18-MiniLM")
-    parser.add_argument("--pretrained", required=True, help="checkpoint (open_clip_train's epoch_N.pt)")
+    add_model_arguments(parser)
     parser.add_argument("--train-data", required=True, help="training shards (spec, or folder with --train-split)")
     parser.add_argument("--train-split", default=None, help="split of --train-data when it is a folder")
     add_evaluation_arguments(parser)
@@ -201,7 +200,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    model, _ = load_model(args.model, args.pretrained, device=args.device)
+    model, _ = load_model_from_args(args, device=args.device)
     results = run_probe(model, args.task, args.train_data, args.data, train_split=args.train_split, split=args.split,
                         val_data=args.val_data, val_split=args.val_split, fractions=args.fractions, C=args.C,
                         seconds=args.seconds, batch_size=args.batch_size, workers=args.workers,

@@ -33,6 +33,7 @@ import atexit
 import importlib.resources
 import importlib.util
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -55,6 +56,7 @@ __all__ = [
     "list_ecg_models",
     "model_configs_dir",
     "register_ecg_text_model",
+    "pair_text_model",
     "register_model_configs",
     "resolve_package_folder",
 ]
@@ -294,3 +296,16 @@ def register_ecg_text_model(
     if _write_config(name, model_cfg) or not _is_published():
         _publish()
     return name
+
+
+def pair_text_model(model: str, text_model: Optional[Union[str, Path]] = None,
+                    text_cache: Optional[Union[str, Path]] = None) -> str:
+    """`model`, or its ECG tower paired with a local text model folder and/or text cache: the name
+    ``MODEL+FOLDER`` registered by :func:`register_ecg_text_model` (FOLDER: the cache's folder name when
+    there is one, else the text model's). Every command's ``--ecg-text-model`` / ``--ecg-text-cache``
+    pair models this way, so a checkpoint trained with them loads under the same name."""
+    source = text_cache or text_model
+    if not source:
+        return model
+    return register_ecg_text_model(f"{model}+{os.path.basename(os.path.normpath(str(source)))}", text_model,
+                                   base_model=model, text_cache=text_cache)

@@ -77,7 +77,7 @@ from .factory import raise_if_checkpoint_does_not_fit
 from .leads import LEAD_SETS
 from .loss import FINDING_TARGETS, TARGET_MODES, MultiLabelSigLipLoss, mean_pair_target
 from .model_preprocess import ECG_PREPROCESS_KEY, training_preprocess_cfg
-from .registry import list_ecg_models, register_ecg_text_model
+from .registry import list_ecg_models, pair_text_model
 from .scoring import ScoringRules, TaskScorer
 from .tasks import TASKS, finding_groups, get_task
 from .towers import lock_image_tower
@@ -545,11 +545,7 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
                                  "hold: use --ecg-text stored and no --ecg-finding-texts with --ecg-text-cache")
         if ecg_options.ecg_logit_lr_mult <= 0:
             raise ValueError(f"--ecg-logit-lr-mult must be > 0, got {ecg_options.ecg_logit_lr_mult}")
-        text_source = ecg_options.ecg_text_cache or ecg_options.ecg_text_model
-        if text_source:  # named after the cache (cached text) or the text model folder
-            args.model = register_ecg_text_model(
-                f"{args.model}+{os.path.basename(os.path.normpath(text_source))}",
-                ecg_options.ecg_text_model, base_model=args.model, text_cache=ecg_options.ecg_text_cache)
+        args.model = pair_text_model(args.model, ecg_options.ecg_text_model, ecg_options.ecg_text_cache)
         check_open_clip_args(args)
         if given_flags(argv, "--precision").precision is None and not torch.cuda.is_available():
             args.precision = "fp32"  # open_clip's default 'amp' is float16 autocast: slow on CPUs
