@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import open_clip
 import pytest
@@ -16,7 +17,7 @@ from open_clip_ecg.data.pipeline import expand_shards, pack_text_and_labels
 from open_clip_ecg.decoder_lm import PAD, DecoderLM, DecoderLMTokenizer
 from open_clip_ecg.text_cache import LMEmbedder, TextEmbeddingCache, build_text_cache
 from open_clip_ecg.text_towers import CachedTextTower, DecoderLMTextTower
-from open_clip_ecg.zeroshot import build_zeroshot_classifier
+from open_clip_ecg.zeroshot import build_zeroshot_classifier, prompt_texts
 
 BASE = "ECG-RN18-CLIPText"
 TEXTS = ["sinus rhythm.", "an ECG showing atrial fibrillation with rapid ventricular response and st depression",
@@ -84,28 +85,42 @@ def test_missing_or_wrong_special_tokens_are_refused(random_decoder_lm, kwargs, 
 
 
 def test_a_decoder_without_pad_token_is_fine(random_decoder_lm):
-    """Padding is marked in the ids, so a tokenizer without pad token (Llama's) pools correctly."""
+    """A tokenizer without pad token (Llama's): padding is marked PAD in the ids, and pooling a
+    padded batch equals pooling each text alone (padding never reaches the pooled token)."""
     folder = random_decoder_lm("nopad", pad_token=None)
-    assert DecoderLMTokenizer(folder)(["sinus rhythm."])[0, -1] == PAD
+    tokenizer, lm = DecoderLMTokenizer(folder, 64), DecoderLM(folder, "last").eval()
+    ids = tokenizer(TEXTS)
+    assert ids[0, -1] == PAD
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids), torch.cat([lm(tokenizer([t])) for t in TEXTS]), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_text_cache_cli_embeds_each_distinct_text_once_and_resumes(text_cache, tiny_qwen3, synthetic_shards):
+    """The first run embeds each distinct text of the shards (reports read from the tars here, plus
+    the vocabulary's prompts) once, under its own key, as the LLM pools it; a re-run embeds none."""
     out, first = text_cache
-    assert "embedded now" in first
+    reports = []
+    for shard in sorted(synthetic_shards.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            reports += [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")]
+    names = [v["name"] for v in json.loads((synthetic_shards / "vocabulary.json").read_text())]
+    distinct = list(dict.fromkeys(reports + prompt_texts(names)[0]))
+    assert len(reports) == 96 and len(distinct) < len(reports) + len(prompt_texts(names)[0])  # texts repeat
+    n = len(distinct)
+    assert f": {n} distinct texts " in first and f", {n} embedded now, {n} rows in total" in first, first
     cache = TextEmbeddingCache.open(out)
-    n_rows = len(cache)
+    n_rows = len(cache)  # later tests of this module add prompts to the shared cache
     assert cache.model["folder"] == str(tiny_qwen3) and cache.embeddings.shape[1] == 64
+    tokenizer, lm = DecoderLMTokenizer(tiny_qwen3, 128), DecoderLM(tiny_qwen3, "last").eval()
+    with torch.no_grad():
+        expected = torch.cat([lm(tokenizer(distinct[i:i + 16])) for i in range(0, len(distinct), 16)])
+    rows = [cache.row(cache.key(t)) for t in distinct]
+    torch.testing.assert_close(cache.embeddings[rows].float(), expected, atol=1e-5, rtol=1e-5)
     again = text_cache_cli("--text-model", tiny_qwen3, "--shards", synthetic_shards, "--out", out)
     assert again.returncode == 0 and " 0 embedded now" in again.stdout, again.stdout + again.stderr
     cache.refresh()
     assert len(cache) == n_rows
-    # the rows are what the LLM gives each text
-    embedder = LMEmbedder(tiny_qwen3, batch_size=4)
-    texts = ["sinus rhythm.", "ECG with atrial fibrillation."]
-    build_text_cache(texts, embedder, out, progress=False)
-    rows = [cache.row(cache.key(t)) for t in texts]
-    torch.testing.assert_close(cache.embeddings[rows], embedder.embed(texts), atol=1e-6, rtol=1e-5)
 
 
 def test_a_second_build_does_not_call_the_llm(tiny_qwen3, tmp_path, monkeypatch):

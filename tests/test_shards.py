@@ -229,7 +229,7 @@ def test_interrupted_run_completes_identically(synth_csv, reference, tmp_path, m
         crash_on_call(patch, owner, name, at, KeyboardInterrupt if workers > 1 else Crash)
         with pytest.raises((Crash, KeyboardInterrupt)):
             write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS, workers=workers))
-    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("*.tmp*"))  # NAME.tar.tmp, NAME.tmpPID
     assert (tmp_path / "progress.json").exists()
     write_shards(CSVReader(synth_csv), tmp_path, ShardOptions(**OPTIONS))
     assert dir_bytes(tmp_path) == dir_bytes(out)

@@ -11,6 +11,7 @@ import torch
 
 from open_clip_ecg import LEAD_SETS
 from open_clip_ecg.cli import main as cli
+from open_clip_ecg.towers.resnet1d import ResNet1d
 from open_clip_ecg.train import REJECTED_FLAGS
 
 
@@ -31,10 +32,13 @@ def checkpoint(run_dir):
     return torch.load(run_dir / "checkpoints" / "epoch_1.pt", map_location="cpu", weights_only=True)
 
 
-def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthetic_shards, tmp_path):
+def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthetic_shards, tmp_path, monkeypatch):
     """One run carries the options whose effect the checkpoint records (lead set, validation crop,
     normalisation, initial logit scale and bias) and those only the run's parameters show (targets,
-    amplitude scaling); zero-shot validation runs on the 4 s centre crop."""
+    amplitude scaling); the tower sees 2.5 s crops in training and 4 s ones in validation and zero-shot."""
+    seen = set()  # (training?, channels, samples) of every ECG batch the tower saw
+    forward = ResNet1d.forward
+    monkeypatch.setattr(ResNet1d, "forward", lambda self, x: seen.add((self.training, *x.shape[1:])) or forward(self, x))
     assert cli(["train", *train_args(synthetic_shards, tmp_path, "one-lead", "--ecg-leads", "1", "--ecg-targets",
                                      "exact", "--ecg-eval-seconds", "4", "--ecg-normalize", "zscore",
                                      "--ecg-amplitude-scale", "0.8", "1.2", "--ecg-init-logit-scale", "5",
@@ -52,7 +56,8 @@ def test_one_lead_tower_with_exact_targets_and_every_preprocessing_option(synthe
     options = ecg_options_logged(run)
     assert options["ecg_targets"] == "exact" and tuple(options["ecg_amplitude_scale"]) == (0.8, 1.2)
     results = [json.loads(line) for line in (run / "checkpoints" / "results.jsonl").read_text().splitlines()]
-    assert results[-1]["zeroshot-labels-scored"] >= 1
+    assert results[-1]["zeroshot-labels-scored"] >= 1 and "clip_val_loss" in results[-1]
+    assert seen == {(True, 1, 250), (False, 1, 400)}
 
 
 def test_six_lead_tower_with_identity_targets_and_no_normalisation(synthetic_shards, tmp_path):
