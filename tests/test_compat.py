@@ -14,6 +14,7 @@ import torch
 import open_clip_ecg  # noqa: F401  (installs the text tower seams)
 import open_clip_ecg.train as ecg_train
 from open_clip_ecg import compat, text_towers
+from open_clip_ecg.training import options as train_options, seams
 
 
 @pytest.mark.parametrize("seam", compat.SEAMS, ids=lambda seam: seam.name)
@@ -30,15 +31,15 @@ def test_the_seams_cover_every_swap_the_training_run_makes():
 
 def test_every_rejected_flag_is_one_of_open_clip_trains_flags():
     defaults = vars(compat.TRAIN_PARAMS_PARSE_ARGS.get()([]))
-    missing = sorted(set(ecg_train.REJECTED_FLAGS) - set(defaults))
+    missing = sorted(set(train_options.REJECTED_FLAGS) - set(defaults))
     assert not missing, f"open_clip_train no longer has {missing}: update REJECTED_FLAGS"
 
 
 def test_a_rejected_flag_renamed_upstream_fails_loudly(monkeypatch):
-    monkeypatch.setitem(ecg_train.REJECTED_FLAGS, "imagenet_validation", "renamed upstream")
+    monkeypatch.setitem(train_options.REJECTED_FLAGS, "imagenet_validation", "renamed upstream")
     args = compat.TRAIN_PARAMS_PARSE_ARGS.get()(["--model", "ECG-RN18-CLIPText"])
     with pytest.raises(compat.UpstreamChanged, match="--imagenet-validation, which open_clip_train"):
-        ecg_train.check_open_clip_args(args)
+        train_options.check_open_clip_args(args)
 
 
 def test_a_missing_seam_names_itself_the_installed_and_the_supported_version():
@@ -91,11 +92,11 @@ def test_the_training_seams_are_installed_for_one_run_and_upstream_is_untouched_
                "create_loss": open_clip_train.main, "torch": open_clip_train.main,
                "get_dataset_fn": open_clip_train.data, "zero_shot_eval": open_clip_train.train}
     before = {name: getattr(module, name) for name, module in modules.items()}
-    options = ecg_train.ecg_argument_parser().parse_args([])
-    with ecg_train.open_clip_seams(options, []):
+    options = train_options.ecg_argument_parser().parse_args([])
+    with seams.open_clip_seams(options, []):
         during = {name: getattr(module, name) for name, module in modules.items()}
         assert all(during[name] is not before[name] for name in modules)
-        assert open_clip_train.train.zero_shot_eval is ecg_train.ecg_zero_shot_eval
+        assert open_clip_train.train.zero_shot_eval is seams.ecg_zero_shot_eval
     assert {name: getattr(module, name) for name, module in modules.items()} == before
     assert open_clip_train.main.torch is torch
 
@@ -105,10 +106,10 @@ def test_mains_view_of_torch_replaces_save_and_ddp_only():
         pass
 
     view = compat.module_view(torch, {"save": save,
-                                      "nn.parallel.DistributedDataParallel": ecg_train.CPUCapableDistributedDataParallel})
+                                      "nn.parallel.DistributedDataParallel": seams.CPUCapableDistributedDataParallel})
     assert view.save is save and torch.save is not save
-    assert view.nn.parallel.DistributedDataParallel is ecg_train.CPUCapableDistributedDataParallel
-    assert torch.nn.parallel.DistributedDataParallel is not ecg_train.CPUCapableDistributedDataParallel
+    assert view.nn.parallel.DistributedDataParallel is seams.CPUCapableDistributedDataParallel
+    assert torch.nn.parallel.DistributedDataParallel is not seams.CPUCapableDistributedDataParallel
     assert view.manual_seed is torch.manual_seed and view.nn.SyncBatchNorm is torch.nn.SyncBatchNorm
     assert view.distributed.barrier is torch.distributed.barrier and view.cuda is torch.cuda
     with pytest.raises(compat.UpstreamChanged, match="torch.nn.parallel.DataParallelV2"):

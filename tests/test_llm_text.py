@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import open_clip_ecg
 import open_clip_ecg.train as ecg_train
+from open_clip_ecg.training.label_passing import enable_label_passing
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.pipeline import expand_shards, pack_text_and_labels
 from open_clip_ecg.decoder_lm import PAD, DecoderLM, DecoderLMTokenizer
@@ -181,7 +182,7 @@ def test_cached_and_live_frozen_towers_give_the_same_loss(tiny_qwen3, tmp_path):
     loss = open_clip_ecg.MultiLabelSigLipLoss()
     losses = []
     for name, model in ((live, live_model), (cached, cached_model)):
-        ecg_train.enable_label_passing(model.eval())
+        enable_label_passing(model.eval())
         with torch.no_grad():
             losses.append(loss(**model(ecg, _packed_batch(open_clip.get_tokenizer(name), texts)),
                                output_dict=True)["contrastive_loss"])

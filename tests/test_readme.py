@@ -44,14 +44,14 @@ def _parse_subcommand(name, args):
 def _parse_train(args):
     from open_clip_train.params import parse_args
 
-    import open_clip_ecg.train as ecg_train
+    from open_clip_ecg.training import options as train_options
 
     if args and args[0] == "--":
         args = args[1:]
-    ecg_options, rest = ecg_train.ecg_argument_parser().parse_known_args(args)
+    ecg_options, rest = train_options.ecg_argument_parser().parse_known_args(args)
     parsed = parse_args(rest)
     if not ecg_options.ecg_text_model:
-        ecg_train.check_open_clip_args(parsed)
+        train_options.check_open_clip_args(parsed)
 
 
 def test_readme_has_the_required_commands():

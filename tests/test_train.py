@@ -16,6 +16,8 @@ import open_clip_ecg.train as ecg_train
 from conftest import tiny_run_args
 from open_clip_ecg import cli, compat
 from open_clip_ecg.data import pipeline
+from open_clip_ecg.training import data as train_data, label_passing, logit_step, seams
+from open_clip_ecg.training.options import ecg_argument_parser
 
 MODEL = "ECG-RN18-CLIPText"
 
@@ -78,7 +80,7 @@ def test_resume_latest_continues_from_the_last_epoch(tiny_training_run, syntheti
     assert torch.load(checkpoints / "epoch_2.pt", weights_only=True)["epoch"] == 2
 
 
-class _RecordingLoss(ecg_train.MultiLabelSigLipLoss):
+class _RecordingLoss(seams.MultiLabelSigLipLoss):
     """The real loss, remembering the labels and feature batch sizes it was called with."""
     calls = []
 
@@ -101,7 +103,7 @@ def test_accum_freq_2_gives_the_loss_labels_of_every_accumulated_pair(synthetic_
         return ecg, packed
 
     monkeypatch.setattr(pipeline, "_collate_pairs", remember)
-    monkeypatch.setattr(ecg_train, "MultiLabelSigLipLoss", _RecordingLoss)
+    monkeypatch.setattr(seams, "MultiLabelSigLipLoss", _RecordingLoss)
     _RecordingLoss.calls = []
     assert ecg_train.main(train_args(synthetic_shards, tmp_path, "accum", "--accum-freq", "2", "--ecg-text", "sampled",
                                      "--val-frequency", "0", "--zeroshot-frequency", "0")) == 0
@@ -128,7 +130,7 @@ def test_misaligned_labels_are_caught(synthetic_shards, tmp_path, monkeypatch):
         return ecg, packed
 
     monkeypatch.setattr(pipeline, "_collate_pairs", shift_labels)
-    with pytest.raises(ecg_train.LabelAlignmentError, match="do not belong to their text"):
+    with pytest.raises(label_passing.LabelAlignmentError, match="do not belong to their text"):
         ecg_train.main(train_args(synthetic_shards, tmp_path, "shifted", "--val-frequency", "0"))
 
 
@@ -157,7 +159,7 @@ def test_flags_that_cannot_work_are_rejected_with_advice(synthetic_shards, tmp_p
 ])
 def test_a_given_precision_is_kept_in_either_form(flags, precision):
     argv = ["--model", MODEL, *flags]
-    with ecg_train.open_clip_seams(ecg_train.ecg_argument_parser().parse_args([]), argv):
+    with seams.open_clip_seams(ecg_argument_parser().parse_args([]), argv):
         assert compat.PARSE_ARGS.get()(argv).precision == precision
 
 
@@ -280,8 +282,8 @@ def test_auto_logit_bias_is_the_logit_of_the_mean_pair_target(synthetic_shards):
         rows.append(row)
     for targets in ("jaccard", "identity"):
         t = mean_pair_target(torch.stack(rows), targets, 8)
-        assert ecg_train.auto_logit_bias(shards, targets, 8) == pytest.approx(np.log(t / (1 - t)), rel=1e-6)
-    assert ecg_train.auto_logit_bias(shards, "identity", 8) == pytest.approx(np.log(1 / 7))
+        assert train_data.auto_logit_bias(shards, targets, 8) == pytest.approx(np.log(t / (1 - t)), rel=1e-6)
+    assert train_data.auto_logit_bias(shards, "identity", 8) == pytest.approx(np.log(1 / 7))
 
 
 def test_logit_step_amplifier_stretches_only_the_logit_parameters():
@@ -290,7 +292,7 @@ def test_logit_step_amplifier_stretches_only_the_logit_parameters():
     model.logit_bias = torch.nn.Parameter(torch.tensor(-4.0))
     model.weight = torch.nn.Parameter(torch.tensor(2.0))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    amplifier = ecg_train.LogitStepAmplifier(5.0)
+    amplifier = logit_step.LogitStepAmplifier(5.0)
     amplifier.watch(model)
     with amplifier:
         (model.logit_scale + model.logit_bias + model.weight).backward()

@@ -12,7 +12,7 @@ import torch
 from open_clip_ecg import LEAD_SETS
 from open_clip_ecg.cli import main as cli
 from open_clip_ecg.towers.resnet1d import ResNet1d
-from open_clip_ecg.train import REJECTED_FLAGS
+from open_clip_ecg.training.options import REJECTED_FLAGS
 
 
 def train_args(shards, logs, name, *extra, model="ECG-RN18-CLIPText"):

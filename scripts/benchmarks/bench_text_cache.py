@@ -32,7 +32,7 @@ import open_clip_ecg
 from open_clip_ecg.data.pipeline import pack_text_and_labels
 from open_clip_ecg.random_lm import write_random_decoder_lm
 from open_clip_ecg.text_cache import LMEmbedder, build_text_cache
-from open_clip_ecg.train import enable_label_passing
+from open_clip_ecg.training.label_passing import enable_label_passing
 
 BASE, MINILM = "ECG-RN18-CLIPText", "ECG-RN18-MiniLM"
 FINDINGS = ("sinus rhythm", "atrial fibrillation", "left axis deviation", "first degree av block",

@@ -28,7 +28,7 @@ from open_clip_ecg.data.pipeline import (
     pack_text_and_labels,
 )
 from open_clip_ecg.data.manifest import read_shard_info
-from open_clip_ecg.train import enable_label_passing
+from open_clip_ecg.training.label_passing import enable_label_passing
 
 MODEL = "ECG-RN18-CLIPText"
 

@@ -13,11 +13,11 @@ open_clip_torch **3.3.x** (``setup.py`` pins ``>=3.3,<3.4``, so pip refuses othe
 package with another version *warns* rather than refuses: a patch or minor release usually keeps
 most seams, and each missing one fails with its own clear message when it is first used
 (:class:`UpstreamChanged`). ``tests/test_compat.py`` checks that every seam exists in the installed
-packages and that every flag ``train.REJECTED_FLAGS`` rejects is still one of open_clip_train's.
+packages and that every flag ``training.options.REJECTED_FLAGS`` rejects is still one of open_clip_train's.
 
 Seams per purpose (see :data:`SEAMS` for the exact list)
 --------------------------------------------------------
-* Training (:mod:`open_clip_ecg.train`, swapped for one run and restored): ``open_clip_train.main``'s
+* Training (:mod:`open_clip_ecg.training.seams`, swapped for one run and restored): ``open_clip_train.main``'s
   ``parse_args``, ``create_model_and_transforms``, ``create_loss`` and ``torch`` (checkpoint saves
   and DDP; see :func:`module_view` for why the name ``torch`` itself), ``open_clip_train.data.
   get_dataset_fn`` and ``open_clip_train.train.zero_shot_eval``; read only: ``open_clip_train.main.
@@ -154,7 +154,7 @@ class Seam:
         setattr(owner, last, value)
 
 
-# --- open_clip_train: swapped for one training run by open_clip_ecg.train ---------------------
+# --- open_clip_train: swapped for one training run by open_clip_ecg.training.seams -------------
 PARSE_ARGS = Seam("open_clip_train.main", "parse_args",
                   "adds the --ecg-* options, forces SigLIP, rejects flags that cannot work with ECGs")
 CREATE_MODEL_AND_TRANSFORMS = Seam("open_clip_train.main", "create_model_and_transforms",

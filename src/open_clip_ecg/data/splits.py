@@ -17,16 +17,24 @@ Every method's result is checked, and a patient found on two sides is a ValueErr
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence
 
 import numpy as np
 
 from .record import RecordEntry
 
-if TYPE_CHECKING:
-    from .shard_writer import ShardOptions
-
 SPLIT_METHODS = ("fold", "patient", "random", "column")
+
+
+class SplitSettings(Protocol):
+    """The settings :func:`assign_splits` reads (``shard_writer.ShardOptions`` has them)."""
+
+    split_by: Optional[str]
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    val_folds: Sequence[int]
+    test_folds: Sequence[int]
 
 
 def patient_split(patient_id: str, seed: int, val_fraction: float, test_fraction: float) -> str:
@@ -47,7 +55,7 @@ def resolve_split_method(entries: Sequence[RecordEntry], split_by: Optional[str]
     return "patient"
 
 
-def assign_splits(entries: Sequence[RecordEntry], options: "ShardOptions") -> List[str]:
+def assign_splits(entries: Sequence[RecordEntry], options: SplitSettings) -> List[str]:
     """One split per entry; ValueError when the method cannot apply or a patient would leak."""
     method = resolve_split_method(entries, options.split_by)
     if method == "fold":
