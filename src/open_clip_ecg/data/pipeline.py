@@ -6,7 +6,7 @@ Every loader is assembled from the same stages and picks its own tail::
 
 - :func:`shard_list`: which shards each worker on each node reads, in which order;
 - :func:`read_tar`: tar members grouped into raw samples (webdataset's end-of-shard markers dropped);
-- :func:`shuffle_samples`: a sample shuffle buffer (training only);
+- :class:`ShuffleSamples`: a seeded sample shuffle buffer (training only);
 - :func:`decode`: :func:`.shard_format.decode_sample` against what the shard's folder declares
   (array header before allocation, labels against the vocabulary); anything else is one
   :class:`ShardFormatError` naming the shard and the key (no silent skips, no silent repairs);
@@ -27,6 +27,8 @@ from __future__ import annotations
 import glob
 import math
 import os
+import random
+import tarfile
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -41,6 +43,7 @@ from ..compat import (  # open_clip_train's, reused as-is: epoch sync and determ
     expand_urls,
 )
 from ..leads import RR_CHANNELS, STANDARD_LEADS, lead_indices
+from .locations import ShardReadError, is_remote, local_path, why_unreadable
 from .manifest import count_samples, shard_schema
 from .rhythm import split_channels
 from .shard_format import SampleSchema, ShardFormatError, decode_sample, shard_glob
@@ -55,26 +58,32 @@ SAMPLE_SHUFFLE_INITIAL = 500
 
 
 def expand_shards(spec, split: Optional[str] = None) -> List[str]:
-    """Shard paths from a brace pattern, a glob, a '::'-joined list, or a directory (+ split).
+    """Shard urls from a brace pattern, a glob, a '::'-joined list, or a directory (+ split).
 
-    ``expand_shards('out')`` with ``split='val'`` gives ``out/val-*.tar`` sorted.
-    Raises ValueError naming the spec when nothing matches or a listed shard is missing.
+    ``expand_shards('out')`` with ``split='val'`` gives ``out/val-*.tar`` sorted. Besides local
+    paths, anything webdataset opens (``pipe:CMD``, ``http(s)://``, ... :mod:`.locations`) is kept
+    as it is, brace patterns expanded; ``file:`` urls become local paths, so globs and folders work
+    for them too. Raises ValueError naming the spec when nothing matches or a local shard is missing
+    (remote shards are checked against their folder's manifest when it is read,
+    :func:`.manifest.read_shard_info`).
     """
     if isinstance(spec, (list, tuple)):
         paths = [str(p) for p in spec]
-    elif os.path.isdir(spec):
-        pattern = os.path.join(spec, shard_glob(split) if split else "*.tar")
+    elif not is_remote(spec) and os.path.isdir(local_path(spec)):
+        pattern = os.path.join(local_path(spec), shard_glob(split) if split else "*.tar")
         paths = sorted(glob.glob(pattern))
     else:
         paths = []
         for part in str(spec).split("::"):
-            if any(c in part for c in "*?["):
-                paths.extend(sorted(glob.glob(part)))
-            else:
+            if is_remote(part):
                 paths.extend(expand_urls(part)[0])
+            elif any(c in part for c in "*?["):
+                paths.extend(sorted(glob.glob(local_path(part))))
+            else:
+                paths.extend(map(local_path, expand_urls(part)[0]))
     if not paths:
         raise ValueError(f"no shards match {spec!r}" + (f" (split {split!r})" if split else ""))
-    missing = [p for p in paths if "://" not in p and not os.path.exists(p)]
+    missing = [p for p in paths if not is_remote(p) and not os.path.exists(local_path(p))]
     if missing:
         raise ValueError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
     return paths
@@ -105,13 +114,46 @@ def _is_sample(sample: Dict) -> bool:
     return any(not k.startswith("__") for k in sample)
 
 
+def name_unreadable_shards(samples: Iterator[Dict]) -> Iterator[Dict]:
+    """Raw samples as they come; a shard that cannot be opened or is not a whole tar becomes one
+    :class:`.locations.ShardReadError` naming its url (webdataset appends the url to the error's
+    args) and why. Nothing is skipped."""
+    samples = iter(samples)
+    while True:
+        try:
+            sample = next(samples)
+        except StopIteration:
+            return
+        except (OSError, tarfile.TarError, ValueError) as error:
+            if isinstance(error, ShardReadError):
+                raise
+            url = _url_of(error)
+            raise ShardReadError(f"cannot read shard {url}: {why_unreadable(error, url)}") from error
+        yield sample
+
+
+def _url_of(error: Exception) -> str:
+    return next((a for a in reversed(error.args) if isinstance(a, str)), "?")
+
+
 def read_tar() -> List:
-    """Shard urls -> raw samples (member name -> bytes); a broken tar raises, it is never skipped."""
-    return [wds.tarfile_to_samples(handler=wds.reraise_exception), wds.select(_is_sample)]
+    """Shard urls -> raw samples (member name -> bytes); a shard that cannot be read raises, it is never skipped."""
+    return [wds.tarfile_to_samples(handler=wds.reraise_exception), name_unreadable_shards, wds.select(_is_sample)]
 
 
-def shuffle_samples():
-    return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL)
+class ShuffleSamples:
+    """A sample shuffle buffer whose order follows from the seed, the epoch, the rank and the loader
+    worker, so a run is repeatable and reads the same samples in the same order wherever the shards
+    are (webdataset's default seeds it from the clock). A class so loader workers can pickle it."""
+
+    def __init__(self, seed: int, epoch: Optional[SharedEpoch] = None):
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, samples: Iterator[Dict]) -> Iterator[Dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        epoch = self.epoch.get_value() if self.epoch is not None else 0
+        rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}")
+        return wds.shuffle(bufsize=SAMPLE_SHUFFLE_SIZE, initial=SAMPLE_SHUFFLE_INITIAL, rng=rng)(samples)
 
 
 class DecodeChecked:
@@ -307,7 +349,7 @@ def make_epoch_loader(shards, prepare: Callable, collate: Callable, *, batch_siz
     pipeline = wds.DataPipeline(
         shard_list(shards, train=True, resampled=resampled, seed=seed, shared_epoch=shared_epoch),
         read_tar(),
-        shuffle_samples(),
+        ShuffleSamples(seed, shared_epoch),
         decode(),
         wds.map(prepare),
         batch(batch_size, collate, partial=False),

@@ -40,20 +40,25 @@ def build_vocabulary(ids: Mapping[str, int], label_names: Mapping[str, str],
 
 
 def load_vocabulary(shard_dir) -> List[dict]:
-    """Read ``vocabulary.json`` from a shard folder (or the file itself); ValueError if it is
-    missing or its ids are not 0..n-1 in order."""
+    """Read ``vocabulary.json`` from a local shard folder (or the file itself); ValueError if it is
+    missing or not a vocabulary (:func:`check_vocabulary`)."""
     path = Path(shard_dir)
     if path.is_dir():
         path = path / VOCABULARY_FILE
     if not path.is_file():
         raise ValueError(f"{path}: no label vocabulary; shard folders written by `open-clip-ecg shards` "
                          f"contain {VOCABULARY_FILE}")
-    vocabulary = load_folder_json(path)
+    return check_vocabulary(load_folder_json(path), path)
+
+
+def check_vocabulary(vocabulary, where) -> List[dict]:
+    """The parsed vocabulary read from `where`; ValueError naming it unless it is a list of objects
+    with 'id', 'code' and 'name' whose ids are 0..n-1 in order."""
     if not isinstance(vocabulary, list) or not all(isinstance(e, dict) and {"id", "code", "name"} <= e.keys()
                                                     for e in vocabulary):
-        raise ValueError(f"{path}: expected a list of objects with 'id', 'code' and 'name'")
+        raise ValueError(f"{where}: expected a list of objects with 'id', 'code' and 'name'")
     if [entry["id"] for entry in vocabulary] != list(range(len(vocabulary))):
-        raise ValueError(f"{path}: label ids must be 0..{len(vocabulary) - 1} in order")
+        raise ValueError(f"{where}: label ids must be 0..{len(vocabulary) - 1} in order")
     return vocabulary
 
 

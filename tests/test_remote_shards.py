@@ -1,0 +1,239 @@
+"""Shards read through webdataset's openers (a real local HTTP server, ``pipe:cat``, ``file://``)
+give the same samples, folder information, training and evaluation as the same shards read
+locally; what cannot be read is one line naming the url."""
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+import open_clip_ecg.train as ecg_train
+from open_clip_ecg import cli
+from open_clip_ecg.data.manifest import count_samples, read_shard_info
+from open_clip_ecg.data.pipeline import ECGSamplePreparer, expand_shards, iterate_samples, make_train_loader
+from open_clip_ecg.text_cache import _shard_texts
+
+MODEL = "ECG-RN18-CLIPText"
+OPENERS = ("local", "pipe", "file", "http")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def http_root(synthetic_shards):
+    """`python -m http.server` serving the folder above `synthetic_shards` on a free local port;
+    yields its url (``http://127.0.0.1:PORT``), stopped after the module's tests."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(synthetic_shards.parent)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the test's HTTP server did not start")
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def spec(opener: str, shards: Path, pattern: str, http_root: str = "") -> str:
+    """The shards `pattern` of the folder `shards`, as `opener` reads them."""
+    return {"local": f"{shards}/{pattern}", "pipe": f"pipe:cat {shards}/{pattern}",
+            "file": f"file://{shards}/{pattern}", "http": f"{http_root}/{shards.name}/{pattern}"}[opener]
+
+
+def checkpoint_of_random_model(path: Path) -> Path:
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL)
+    with torch.no_grad():
+        model.logit_bias.fill_(-1.0)
+    torch.save({"epoch": 1, "state_dict": model.state_dict()}, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("opener", OPENERS[1:])
+def test_every_opener_reads_the_samples_and_folder_information_the_local_shards_hold(
+        opener, synthetic_shards, http_root):
+    local = expand_shards(spec("local", synthetic_shards, "val-{000000..000001}.tar"))
+    remote = expand_shards(spec(opener, synthetic_shards, "val-{000000..000001}.tar", http_root))
+    assert len(remote) == 2
+    local_info, remote_info = read_shard_info(local), read_shard_info(remote)
+    for key in ("vocabulary", "sampling_rate", "n_samples", "text"):
+        assert remote_info[key] == local_info[key]
+    assert count_samples(remote) == count_samples(local) == 18
+    expected, got = list(iterate_samples(local)), list(iterate_samples(remote))
+    assert [s["key"] for s in got] == [s["key"] for s in expected]
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a["ecg"], b["ecg"])
+        assert (a["text"], a["label_ids"], a["meta"]) == (b["text"], b["label_ids"], b["meta"])
+
+
+def test_a_file_url_works_as_a_glob_and_as_a_folder_with_a_split(synthetic_shards):
+    local = expand_shards(str(synthetic_shards), split="val")
+    assert expand_shards(f"file://{synthetic_shards}/val-*.tar") == local
+    assert expand_shards(f"file://{synthetic_shards}", split="val") == local
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_training_batches_from_a_remote_list_equal_the_local_ones(synthetic_shards, http_root, resampled):
+    """open_clip's '::' list of several openers, with or without --dataset-resampled: the same
+    batches in the same order for the same seed (the sample shuffle is seeded, not clock-seeded)."""
+    tokenizer = open_clip.get_tokenizer(MODEL)
+
+    def batches(train_data):
+        info = read_shard_info(expand_shards(train_data))
+        preparer = ECGSamplePreparer(250, len(info["vocabulary"]), train=True, sampling_rate=info["sampling_rate"])
+        torch.manual_seed(0)  # the random crops
+        data = make_train_loader(train_data, tokenizer=tokenizer, preparer=preparer, batch_size=8, workers=0,
+                                 seed=3, resampled=resampled, num_samples=32)
+        return list(data.dataloader)
+
+    local = batches(spec("local", synthetic_shards, "train-{000000..000004}.tar"))
+    remote = batches(spec("http", synthetic_shards, "train-{000000..000002}.tar", http_root) + "::"
+                     + spec("pipe", synthetic_shards, "train-{000003..000004}.tar"))
+    assert len(local) == len(remote) == 4
+    for (ecg_a, text_a), (ecg_b, text_b) in zip(local, remote):
+        assert torch.equal(ecg_a, ecg_b) and torch.equal(text_a, text_b)
+
+
+def test_text_cache_reads_the_same_texts_and_prompts_over_http(synthetic_shards, http_root):
+    assert _shard_texts([spec("http", synthetic_shards, "train-{000000..000004}.tar", http_root)]) == \
+        _shard_texts([spec("local", synthetic_shards, "train-{000000..000004}.tar")])
+
+
+@pytest.mark.parametrize("opener", ["http", "pipe"])
+def test_embed_reads_remote_shards_as_a_user_runs_it(opener, synthetic_shards, http_root, tmp_path):
+    checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
+    outputs = {}
+    for name in ("local", opener):
+        data = spec(name, synthetic_shards, "test-000000.tar", http_root)
+        result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "embed", "--model", MODEL,
+                                 "--pretrained", str(checkpoint), "--data", data, "--out", str(tmp_path / name),
+                                 "--device", "cpu"], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        outputs[name] = (np.load(tmp_path / name / "embeddings.npy"), (tmp_path / name / "index.csv").read_text())
+    np.testing.assert_array_equal(outputs[opener][0], outputs["local"][0])
+    assert outputs[opener][1] == outputs["local"][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluating from remote shards
+# ---------------------------------------------------------------------------------------------
+
+def _train(logs: Path, name: str, train_data: str, val_data: str):
+    args = ["--model", MODEL, "--train-data", train_data, "--val-data", val_data, "--dataset-resampled",
+            "--train-num-samples", "16", "--batch-size", "8", "--epochs", "1", "--workers", "0", "--lr", "1e-3",
+            "--warmup", "1", "--logs", str(logs), "--name", name, "--seed", "0", "--report-to", "",
+            "--zeroshot-frequency", "1", "--ecg-seconds", "2.5", "--ecg-eval-seconds", "2.5"]
+    assert ecg_train.main(args) == 0
+    run = logs / name / "checkpoints"
+    results = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    return run / "epoch_1.pt", results
+
+
+def _evaluate(checkpoint: Path, data: str, val_data: str, out: Path) -> dict:
+    assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(checkpoint), "--data", data,
+                     "--val-data", val_data, "--out", str(out), "--bootstrap", "20", "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {k: metrics[k] for k in ("headline", "per_label", "thresholds")}
+
+
+@pytest.mark.slow
+def test_training_and_evaluating_from_http_and_pipe_equal_the_local_run(synthetic_shards, http_root, tmp_path):
+    """One epoch (--dataset-resampled, --train-num-samples, a '::' list of an HTTP and a pipe:cat
+    pattern; validation and zero-shot through file://), then `evaluate` over HTTP: the checkpoint,
+    the logged validation and the evaluation equal those of the same shards read locally."""
+    local_ckpt, local_results = _train(tmp_path / "logs", "local", spec("local", synthetic_shards, "train-*.tar"),
+                                       spec("local", synthetic_shards, "val-000000.tar"))
+    remote_ckpt, remote_results = _train(
+        tmp_path / "logs", "remote",
+        spec("http", synthetic_shards, "train-{000000..000002}.tar", http_root) + "::"
+        + spec("pipe", synthetic_shards, "train-{000003..000004}.tar"),
+        spec("file", synthetic_shards, "val-000000.tar"))
+    assert remote_results == local_results and "zeroshot-macro-auroc" in remote_results[-1]
+    local_state = torch.load(local_ckpt, weights_only=True)["state_dict"]
+    remote_state = torch.load(remote_ckpt, weights_only=True)["state_dict"]
+    assert local_state.keys() == remote_state.keys()
+    assert all(torch.equal(local_state[k], remote_state[k]) for k in local_state)
+
+    local = _evaluate(local_ckpt, spec("local", synthetic_shards, "test-000000.tar"),
+                      spec("local", synthetic_shards, "val-*.tar"), tmp_path / "eval-local")
+    remote = _evaluate(remote_ckpt, spec("http", synthetic_shards, "test-000000.tar", http_root),
+                       spec("pipe", synthetic_shards, "val-{000000..000001}.tar"), tmp_path / "eval-remote")
+    assert remote["headline"] == local["headline"] and remote["per_label"] == local["per_label"]
+    assert remote["thresholds"]["per_label"] == local["thresholds"]["per_label"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What cannot be read: one line naming the url
+# ---------------------------------------------------------------------------------------------
+
+def _last_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def test_an_unreachable_server_is_one_line_naming_the_url(synthetic_shards, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/shards/test-000000.tar"  # nothing listens there
+    checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
+    result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "evaluate", "--model", MODEL,
+                             "--pretrained", str(checkpoint), "--data", url, "--out", str(tmp_path / "eval"),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    line = _last_error_line(result.stderr)
+    assert line.startswith("open-clip-ecg evaluate: error: cannot read 'http://127.0.0.1:") and url in line
+    assert "could not connect" in line
+
+
+def test_train_from_an_unreachable_server_stops_before_training_with_one_line(capsys, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/ecg/train-{{000000..000003}}.tar"
+    assert cli.main(["train", "--model", MODEL, "--train-data", url, "--logs", str(tmp_path)]) == 2
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("open-clip-ecg train: error: cannot read") and "/ecg/vocabulary.json" in line
+    assert "/ecg/train-000000.tar" in line and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["not in the manifest", "gone from the server", "a failing command"])
+def test_shards_that_cannot_be_read_are_one_line_naming_the_shard(case, synthetic_shards, http_root, tmp_path,
+                                                                   capsys):
+    served = Path(synthetic_shards.parent / f"served-{case.replace(' ', '-')}")
+    shutil.copytree(synthetic_shards, served)
+    data, named = {
+        "not in the manifest": (f"{http_root}/{served.name}/test-{{000000..000001}}.tar", "test-000001.tar"),
+        "gone from the server": (f"{http_root}/{served.name}/val-{{000000..000001}}.tar", "val-000001.tar"),
+        "a failing command": (f"pipe:cat {served}/val-{{000000..000001}}.tar", "val-000001.tar"),
+    }[case]
+    (served / "val-000001.tar").unlink()
+    checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
+    assert cli.main(["embed", "--model", MODEL, "--pretrained", str(checkpoint), "--data", data,
+                     "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith("open-clip-ecg embed: error: ") and named in line
+    if case == "not in the manifest":
+        assert "shard(s) are not in their folder's manifest.json" in line
+    elif case == "gone from the server":
+        assert "cannot read shard" in line and "curl exited with status 22" in line
+    else:
+        assert "cannot read shard pipe:cat" in line and "exited with status 1" in line
