@@ -123,19 +123,21 @@ def test_text_cache_reads_the_same_texts_and_prompts_over_http(synthetic_shards,
         _shard_texts([spec("local", synthetic_shards, "train-{000000..000004}.tar")])
 
 
-@pytest.mark.parametrize("opener", ["http", "pipe"])
-def test_embed_reads_remote_shards_as_a_user_runs_it(opener, synthetic_shards, http_root, tmp_path):
+def test_embed_reads_remote_shards_as_a_user_runs_it(synthetic_shards, http_root, tmp_path, capsys):
+    """`open-clip-ecg embed` over HTTP in a subprocess, over pipe:cat and locally in this process."""
     checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
-    outputs = {}
-    for name in ("local", opener):
-        data = spec(name, synthetic_shards, "test-000000.tar", http_root)
-        result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "embed", "--model", MODEL,
-                                 "--pretrained", str(checkpoint), "--data", data, "--out", str(tmp_path / name),
-                                 "--device", "cpu"], capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr
-        outputs[name] = (np.load(tmp_path / name / "embeddings.npy"), (tmp_path / name / "index.csv").read_text())
-    np.testing.assert_array_equal(outputs[opener][0], outputs["local"][0])
-    assert outputs[opener][1] == outputs["local"][1]
+    command = ["embed", "--model", MODEL, "--pretrained", str(checkpoint), "--device", "cpu"]
+    result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", *command, "--out", str(tmp_path / "http"),
+                             "--data", spec("http", synthetic_shards, "test-000000.tar", http_root)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    for opener in ("local", "pipe"):
+        assert cli.main([*command, "--out", str(tmp_path / opener),
+                         "--data", spec(opener, synthetic_shards, "test-000000.tar")]) == 0
+    for opener in ("http", "pipe"):
+        np.testing.assert_array_equal(np.load(tmp_path / opener / "embeddings.npy"),
+                                      np.load(tmp_path / "local" / "embeddings.npy"))
+        assert (tmp_path / opener / "index.csv").read_text() == (tmp_path / "local" / "index.csv").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,15 +197,13 @@ def _last_error_line(stderr: str) -> str:
     return stderr.strip().splitlines()[-1]
 
 
-def test_an_unreachable_server_is_one_line_naming_the_url(synthetic_shards, tmp_path):
+def test_an_unreachable_server_is_one_line_naming_the_url(synthetic_shards, tmp_path, capsys):
     url = f"http://127.0.0.1:{free_port()}/shards/test-000000.tar"  # nothing listens there
     checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
-    result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "evaluate", "--model", MODEL,
-                             "--pretrained", str(checkpoint), "--data", url, "--out", str(tmp_path / "eval"),
-                             "--device", "cpu"], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 2
-    line = _last_error_line(result.stderr)
-    assert line.startswith("open-clip-ecg evaluate: error: cannot read 'http://127.0.0.1:") and url in line
+    assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(checkpoint), "--data", url,
+                     "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 2
+    line = _last_error_line(capsys.readouterr().err)
+    assert line.startswith(f"open-clip-ecg evaluate: error: the shard folder of {url}: cannot read 'http://127.0.0.1:")
     assert "could not connect" in line
 
 
@@ -211,8 +211,9 @@ def test_train_from_an_unreachable_server_stops_before_training_with_one_line(ca
     url = f"http://127.0.0.1:{free_port()}/ecg/train-{{000000..000003}}.tar"
     assert cli.main(["train", "--model", MODEL, "--train-data", url, "--logs", str(tmp_path)]) == 2
     line = _last_error_line(capsys.readouterr().err)
-    assert line.startswith("open-clip-ecg train: error: cannot read") and "/ecg/vocabulary.json" in line
-    assert "/ecg/train-000000.tar" in line and not list(tmp_path.iterdir())
+    assert line.startswith("open-clip-ecg train: error: the shard folder of http://127.0.0.1:")
+    assert "/ecg/train-000000.tar: cannot read 'http://127.0.0.1:" in line and "/ecg/vocabulary.json': curl" in line
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("case", ["not in the manifest", "gone from the server", "a failing command"])

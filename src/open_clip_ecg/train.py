@@ -15,18 +15,19 @@ import sys
 from typing import List, Optional
 
 from . import compat
-from .data.manifest import read_shard_info
+from .data.manifest import check_validation_shards, read_shard_info
 from .data.pipeline import expand_shards
 from .training.options import ecg_argument_parser, given_flags
 from .training.seams import open_clip_seams
 
 
 def check_inputs_before_start(open_clip_argv: List[str]) -> None:
-    """Fail on missing shards or checkpoint files before open_clip_train starts (and logs ~250 lines)."""
+    """Fail on missing, unreadable or mismatched shards or a missing checkpoint file before
+    open_clip_train starts (and logs ~250 lines)."""
     given = given_flags(open_clip_argv, "--train-data", "--val-data", "--pretrained")
-    for spec in (given.train_data, given.val_data):
-        if spec:
-            read_shard_info(expand_shards(spec))
+    infos = {spec: read_shard_info(expand_shards(spec)) for spec in (given.train_data, given.val_data) if spec}
+    if given.train_data and given.val_data:
+        check_validation_shards(infos[given.train_data], infos[given.val_data])
     if given.pretrained and not os.path.isfile(given.pretrained):
         raise ValueError(f"--pretrained {given.pretrained!r} is not a file (ECG models have no pretrained tags)")
 

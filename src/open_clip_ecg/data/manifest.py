@@ -96,7 +96,7 @@ def read_folder_file(shard: str, name: str, required: bool = True):
         raise ValueError(f"{where} is missing: shards must come from `open-clip-ecg shards`, which writes "
                          f"{name} beside them") from None
     except ShardReadError as e:
-        raise ShardReadError(f"{e} (the {name} of the folder of shard {shard})") from None
+        raise ShardReadError(f"the shard folder of {shard}: {e}") from None
     return load_json(data, where, name, MAX_FOLDER_JSON_BYTES)
 
 
@@ -174,6 +174,22 @@ def vocabulary_difference(a: Sequence[Dict], b: Sequence[Dict]) -> Optional[Tupl
     if len(a) != len(b):
         return f"{len(a)} labels", f"{len(b)}"
     return None
+
+
+def check_validation_shards(train: Dict, val: Dict) -> None:
+    """ValueError unless validation shards (their :func:`read_shard_info`) fit the training ones: the
+    same vocabulary, and ECGs at the training rate (a model validated on ECGs at another rate than it
+    learns from would report figures of inputs it never sees; resampling shards is the writer's job)."""
+    difference = vocabulary_difference(train["vocabulary"], val["vocabulary"])
+    if difference:
+        raise ValueError(f"the label vocabularies of the training shards in {train['directory']} and the validation "
+                         f"shards in {val['directory']} differ ({difference[0]} against {difference[1]}): write "
+                         "train and val shards in one `open-clip-ecg shards` run")
+    if val["sampling_rate"] != train["sampling_rate"]:
+        raise ValueError(f"the validation shards in {val['directory']} hold {val['sampling_rate']:g} Hz ECGs, the "
+                         f"training shards in {train['directory']} {train['sampling_rate']:g} Hz: validation must "
+                         f"read ECGs at the training rate; write them with `open-clip-ecg shards --sampling-rate "
+                         f"{train['sampling_rate']:g}`")
 
 
 @functools.lru_cache(maxsize=64)

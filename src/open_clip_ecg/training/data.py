@@ -10,7 +10,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from ..data.manifest import read_shard_info
+from ..data.manifest import check_validation_shards, read_shard_info
 from ..data.pipeline import ECGSamplePreparer, expand_shards, iterate_samples, make_train_loader, make_val_loader
 from ..data.text import TrainingTextSampler, compose_label_text, token_count, truncation_counts
 from ..embed import crop_length
@@ -20,18 +20,14 @@ from ..model_preprocess import training_preprocess_cfg
 
 
 def _shard_info_for(args, is_train: bool) -> Dict:
-    """Shard info for the train or val shards; val must share the training vocabulary."""
+    """Shard info for the train or val shards; val must fit the training ones (vocabulary, rate)."""
     shards = expand_shards(args.train_data if is_train else args.val_data)
     info = read_shard_info(shards)
     key = "train" if is_train else "val"
     args.ecg_shard_info = getattr(args, "ecg_shard_info", {})
     args.ecg_shard_info[key] = info
-    other = args.ecg_shard_info.get("val" if is_train else "train")
-    if other is not None:
-        codes = [v["code"] for v in info["vocabulary"]]
-        if codes != [v["code"] for v in other["vocabulary"]]:
-            raise ValueError(f"the label vocabularies of {info['directory']} and {other['directory']} "
-                             "differ; write train and val shards in one `open-clip-ecg shards` run")
+    if {"train", "val"} <= args.ecg_shard_info.keys():
+        check_validation_shards(args.ecg_shard_info["train"], args.ecg_shard_info["val"])
     return info
 
 
