@@ -2,7 +2,8 @@
 
 Tiers (registered here, nowhere else): ``slow`` (trains more than a few steps or runs > ~10 s),
 ``distributed`` (spawns several processes), ``realdata`` (reads ``../shared/data``; added automatically
-to every test that uses one of the data fixtures below). ``pytest -m "not slow"`` is the fast loop; CI
+to every test that uses one of the data fixtures below), ``gpu`` (needs CUDA: skips without it, fails
+with ``--require-gpu`` as ``scripts/gpu_check.sh`` runs them). ``pytest -m "not slow"`` is the fast loop; CI
 runs everything. Real data is found at ``../shared/data`` beside the repository or at
 ``$OPEN_CLIP_ECG_SHARED_DATA``; when absent its tests skip, or fail with ``--require-data`` (or
 ``OPEN_CLIP_ECG_REQUIRE_DATA=1``), so a CI that is meant to have the data cannot pass without it.
@@ -32,6 +33,8 @@ def pytest_addoption(parser):
                      default=os.environ.get("OPEN_CLIP_ECG_REQUIRE_DATA", "") not in ("", "0"),
                      help="fail (instead of skip) the tests whose real data in ../shared/data is absent "
                           "(also OPEN_CLIP_ECG_REQUIRE_DATA=1)")
+    parser.addoption("--require-gpu", action="store_true",
+                     help="fail (instead of skip) the `gpu` tests when CUDA is not available")
 
 
 def pytest_configure(config):
@@ -39,6 +42,18 @@ def pytest_configure(config):
                                        "(deselect with -m 'not slow')")
     config.addinivalue_line("markers", "distributed: starts several processes (torch.distributed, torchrun)")
     config.addinivalue_line("markers", "realdata: reads the real PTB-XL / CinC samples in ../shared/data")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skips without it (fails with --require-gpu)")
+
+
+def pytest_runtest_setup(item):
+    """A `gpu` test skips where CUDA is missing, or fails with --require-gpu (scripts/gpu_check.sh)."""
+    if item.get_closest_marker("gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            if item.config.getoption("--require-gpu"):
+                pytest.fail("CUDA is not available and --require-gpu was given", pytrace=False)
+            pytest.skip("needs CUDA")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -9,6 +9,10 @@ the same at 5000 with gradient checkpointing. Ratios, all from this one run:
 * ``peak_memory_5000_vs_1000``;
 * ``grad_ckpt_rate_vs_plain`` / ``grad_ckpt_peak_memory_vs_plain`` at 5000.
 
+Utilisation (figures): FLOPs per sample of a forward+backward (``torch.utils.flop_counter``, see
+``utilization.py``), the achieved TFLOP/s at the wall-clock rate, and on CUDA the fraction of the
+GPU's dense bf16 peak (from the GPU's name, or ``--peak-tflops``).
+
 Peak memory is what the steps add on top of model and input (activations, gradients, workspace): on
 CUDA ``torch.cuda.max_memory_allocated`` minus the allocation before the first step; on CPU each
 setting runs in a fresh subprocess and reports the growth of ``ru_maxrss`` (peak resident set) over
@@ -18,7 +22,7 @@ on one thread, and the CPU ratios use process CPU time (``samples_per_cpu_s``): 
 other jobs, wall-clock rates of multi-threaded convolutions varied more than 10x between identical
 runs, single-thread CPU time by a few percent.
 
-    python scripts/benchmarks/bench_towers.py [--quick] [--device cuda]
+    python scripts/benchmarks/bench_towers.py [--quick] [--device cuda] [--peak-tflops 989]
 """
 from __future__ import annotations
 
@@ -32,6 +36,9 @@ import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from utilization import bf16_peak_tflops, fraction_of_peak, training_step_flops  # noqa: E402
 
 MODEL = "ecg_resnet1d18"
 
@@ -52,11 +59,13 @@ def measure(samples: int, batch_size: int, steps: int, device: str = "cpu", grad
         torch.set_num_threads(1)
     torch.manual_seed(0)
     model = timm.create_model(MODEL).to(device).train()
-    model.set_grad_checkpointing(grad_ckpt)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     ecg = torch.randn(batch_size, 12, samples, device=device)
     cuda = torch.device(device).type == "cuda"
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
+    with autocast:  # the model's FLOPs (before checkpointing would add recomputation)
+        flops = training_step_flops(model, ecg)
+    model.set_grad_checkpointing(grad_ckpt)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -83,7 +92,7 @@ def measure(samples: int, batch_size: int, steps: int, device: str = "cpu", grad
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     return {"samples_per_s": batch_size / statistics.median(step_times),
             "samples_per_cpu_s": batch_size / statistics.median(cpu_times),
-            "peak_memory_mib": peak / 2 ** 20}
+            "peak_memory_mib": peak / 2 ** 20, "gflop_per_sample": flops / batch_size / 1e9}
 
 
 def _measure_isolated(samples: int, batch_size: int, steps: int, device: str, grad_ckpt: bool) -> dict:
@@ -96,7 +105,22 @@ def _measure_isolated(samples: int, batch_size: int, steps: int, device: str, gr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
+def utilisation(results: dict, device: str, peak_tflops: float = None) -> dict:
+    """Achieved TFLOP/s of each setting and, where the peak is known, the fraction of the bf16 peak."""
+    figures = {}
+    if torch.device(device).type == "cuda":
+        figures["gpu"] = torch.cuda.get_device_name(device)
+        peak_tflops = peak_tflops or bf16_peak_tflops(figures["gpu"])
+    figures["bf16_peak_tflops"] = peak_tflops
+    for key, res in results.items():
+        figures[f"achieved_tflops_{key}"] = res["gflop_per_sample"] * res["samples_per_s"] / 1e3
+        if peak_tflops:
+            figures[f"fraction_of_bf16_peak_{key}"] = fraction_of_peak(
+                res["gflop_per_sample"] * 1e9, 1 / res["samples_per_s"], peak_tflops)
+    return figures
+
+
+def run(quick: bool = False, device: str = "cpu", peak_tflops: float = None) -> dict:
     batch_size = 8 if quick else 64
     steps = 3 if quick else 5
     results = {
@@ -111,6 +135,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     for key, res in results.items():
         for figure, value in res.items():
             figures[f"{figure}_{key}"] = value
+    figures.update(utilisation(results, device, peak_tflops))
     plain, short, ckpt = results["5000"], results["1000"], results["5000_grad_ckpt"]
     rate = "samples_per_s" if cuda else "samples_per_cpu_s"
     return {
@@ -130,9 +155,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 timed steps")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak, for GPUs not in utilization.BF16_PEAK_TFLOPS")
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one isolated setting, JSON args
     cli = parser.parse_args()
     if cli.measure:
         print(json.dumps(measure(*json.loads(cli.measure))))
     else:
-        print(json.dumps(run(cli.quick, cli.device), indent=2))
+        print(json.dumps(run(cli.quick, cli.device, cli.peak_tflops), indent=2))
