@@ -8,29 +8,58 @@ Ratios, all measured in this one run:
   training consumes (aim >= 3);
 * ``pipeline_per_core``: decode + crop + tokenise samples/s with no workers (one core).
 
-    python scripts/benchmarks/bench_training.py [--quick] [--device cuda]
+The PTB-XL recipe the quickstart trains (``ECG-RN18-RR-CLIPText``: 12 leads + RR channels at
+100 Hz, 5 s crops, texts sampled per step; on the PTB-XL records of ``--ptbxl`` when present,
+else synthetic records), per core, interleaved rounds, best round of each:
+
+* ``rr_recipe_vs_plain_per_core``: samples/s of the recipe's loader over the plain 12-lead
+  preparer's (stored text; aim >= 0.8);
+* ``rr_recipe_vs_today_per_core``: over today's recipe path (shards without stored beats, the
+  band-pass designed per record, no token cache, torch's median, numpy's header parse per sample:
+  what this code did before the pipeline work; aim >= 3);
+* ``rr_recipe_older_shards_vs_plain_per_core``: shards written before beats were stored (detected
+  at read time with today's code);
+* ``loader_per_worker_vs_tower_step``: the recipe loader's samples/s per worker over what the
+  RR tower's forward+backward consumes on this device; the figures add FLOPs per sample, from
+  which a GPU's consumption is estimated (``gpu_samples_per_s_at_10pct_of_<peak>``).
+
+    python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import tempfile
 import time
 from types import SimpleNamespace
+from unittest import mock
 
 import open_clip
 import torch
+import webdataset as wds
 
 import open_clip_ecg
 from open_clip_ecg.data.pipeline import (
+    ContrastivePair,
     ECGSamplePreparer,
+    decode,
+    expand_shards,
     make_train_loader,
+    read_tar,
     pack_text_and_labels,
 )
 from open_clip_ecg.data.manifest import read_shard_info
+from open_clip_ecg.data.text import TrainingTextSampler
+from open_clip_ecg.leads import LEAD_SETS
 from open_clip_ecg.training.label_passing import enable_label_passing
 
 MODEL = "ECG-RN18-CLIPText"
+RECIPE_MODEL = "ECG-RN18-RR-CLIPText"  # the quickstart's PTB-XL model
+RECIPE_RATE, RECIPE_CROP_SECONDS = 100, 5.0  # the quickstart's PTB-XL shards and --ecg-seconds
+PTBXL_ENV = "OPEN_CLIP_ECG_PTBXL"  # a PTB-XL folder for the recipe benchmark when --ptbxl is not given
+BF16_PEAK_FLOPS = 989e12  # an H100 SXM's dense bf16 peak: the estimate's reference GPU
 
 
 def _in_memory_batches(tokenizer, n_batches, batch_size, n_samples, n_labels, device):
@@ -131,12 +160,198 @@ def _write_synthetic_shards(out_dir, n_records, n_shards):
     return f"{out_dir}/shards"
 
 
+# --------------------------------------------------------------------------------------------
+# The PTB-XL recipe: preparer per core, loader per worker, the tower's consumption
+# --------------------------------------------------------------------------------------------
+
+def _write_recipe_shards(out_dir, ptbxl, n_records, beats: bool) -> str:
+    """The quickstart's PTB-XL shards (100 Hz, 10 s, text 'both'), from `ptbxl` or synthetic records."""
+    from open_clip_ecg.data.readers import get_reader
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+    from open_clip_ecg.data.synthetic import write_synthetic_dataset
+
+    if ptbxl:
+        reader = get_reader("ptbxl", ptbxl, label_level="all", sampling_rate=RECIPE_RATE)
+    else:
+        csv_path = f"{out_dir}/synth.csv"
+        if not os.path.exists(csv_path):
+            csv_path = write_synthetic_dataset(f"{out_dir}/synth", n=n_records, seed=0, progress=False)
+        reader = get_reader("csv", csv_path)
+    folder = f"{out_dir}/shards-{'beats' if beats else 'older'}"
+    write_shards(reader, folder, ShardOptions(sampling_rate=RECIPE_RATE, seconds=10, split_by="random",
+                                              val_fraction=0.0, test_fraction=0.0, shard_size=128, text="both",
+                                              beats=beats, progress=False))
+    return folder
+
+
+@contextlib.contextmanager
+def _todays_path():
+    """The recipe's sample preparation as it was before the pipeline work, for the reference:
+    the band-pass designed for every record, no token cache, torch's median, numpy's .npy header
+    parse and a full JSON depth walk for every sample (used with shards that store no beats)."""
+    from open_clip_ecg.data import pipeline, rhythm, shard_format, transforms
+
+    class Uncached:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, text):
+            return self.tokenizer(text)[0]
+
+    with mock.patch.object(rhythm, "qrs_filter", rhythm.qrs_filter.__wrapped__), \
+            mock.patch.object(pipeline, "CachedTokenizer", Uncached), \
+            mock.patch.object(transforms, "_lower_median", lambda x: x.median(dim=-1, keepdim=True).values), \
+            mock.patch.object(shard_format, "_npy_header", shard_format._npy_header.__wrapped__), \
+            mock.patch.object(shard_format, "_too_deep",
+                              lambda data, value: shard_format._depth(value) > shard_format.MAX_JSON_DEPTH):
+        yield
+
+
+def _recipe_parts(shards, recipe: bool) -> tuple:
+    """(preparer, tokenizer, text sampler) of the recipe (RR model, sampled text) or of the plain
+    12-lead model (stored text), as ``train.get_ecg_dataset`` builds them."""
+    info = read_shard_info(shards)
+    names = [v["name"] for v in info["vocabulary"]]
+    preparer = ECGSamplePreparer(int(RECIPE_RATE * RECIPE_CROP_SECONDS), len(names), train=True,
+                                 leads=LEAD_SETS["12+rr" if recipe else "12"], sampling_rate=info["sampling_rate"])
+    tokenizer = open_clip.get_tokenizer(RECIPE_MODEL if recipe else MODEL)
+    return preparer, tokenizer, TrainingTextSampler(names) if recipe else None
+
+
+def _prepare_rates(shards, recipe: bool, epochs: int) -> list:
+    """Samples/s of reading, decoding and preparing every sample of `shards` in this process, per
+    epoch (one prepare stage across epochs, as a loader worker keeps it)."""
+    pair = ContrastivePair(*_recipe_parts(shards, recipe))
+    rates = []
+    for _ in range(epochs):
+        start, n = time.perf_counter(), 0
+        for _ in wds.DataPipeline(wds.SimpleShardList(shards), read_tar(), decode(), wds.map(pair)):
+            n += 1
+        rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+def _loader_rate(shards, batch_size, workers, n_batches) -> float:
+    """Samples/s of the recipe's training loader (shuffle, prepare, batches) with `workers`."""
+    preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
+    loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
+                               batch_size=batch_size, workers=workers, resampled=True,
+                               num_samples=batch_size * (n_batches + 1) * max(1, workers)).dataloader
+    iterator = iter(loader)
+    next(iterator)  # start-up (workers, first shard) is not throughput
+    start, n = time.perf_counter(), 0
+    for ecg, _ in iterator:
+        n += len(ecg)
+        if n >= batch_size * n_batches:
+            break
+    return n / (time.perf_counter() - start)
+
+
+def recipe_pipeline_rates(shards_with_beats, older_shards, rounds) -> dict:
+    """Per-core samples/s (no workers, one thread) of the plain preparer, today's recipe path, the
+    recipe on older shards and the recipe, in a first epoch and a second one (the token cache
+    warm, as in every epoch after the first); interleaved rounds, the best of each (a shared
+    machine slows some rounds, never speeds one up)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    variants = {
+        "plain_12_lead": lambda: _prepare_rates(shards_with_beats, False, 2),
+        "rr_recipe_today": lambda: _today(older_shards),
+        "rr_recipe_older_shards": lambda: _prepare_rates(older_shards, True, 2),
+        "rr_recipe": lambda: _prepare_rates(shards_with_beats, True, 2),
+    }
+    best = {}
+    try:
+        for _ in range(rounds):
+            for name, measure in variants.items():
+                for epoch, rate in zip(("first_epoch", "later_epochs"), measure()):
+                    key = f"{name}_{epoch}"
+                    best[key] = max(best.get(key, 0.0), rate)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+def _today(shards) -> list:
+    with _todays_path():
+        return _prepare_rates(shards, True, 2)
+
+
+def tower_consumption(device, precision, batch_size) -> dict:
+    """Samples/s of the recipe model's forward+backward (one optimiser step each) on `device`, and
+    the FLOPs per sample of forward+backward (torch's FLOP counter) for a GPU estimate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from open_clip_train.precision import get_autocast
+
+    torch.manual_seed(0)
+    model = enable_label_passing(open_clip.create_model(RECIPE_MODEL, output_dict=True, device=device,
+                                                        precision=precision, init_logit_bias=-10))
+    loss = open_clip_ecg.MultiLabelSigLipLoss()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokenizer = open_clip.get_tokenizer(RECIPE_MODEL)
+    n = int(RECIPE_RATE * RECIPE_CROP_SECONDS)
+    ecg = torch.randn(batch_size, 14, n, device=device)
+    labels = (torch.rand(batch_size, 71) < 0.1).float()
+    packed = torch.stack([pack_text_and_labels(t, lab) for t, lab in
+                          zip(tokenizer([f"sinus rhythm, report {i}" for i in range(batch_size)]), labels)]).to(device)
+    autocast = get_autocast(precision, device_type=torch.device(device).type)
+
+    def step():
+        optimizer.zero_grad()
+        with autocast():
+            total = sum(loss(**model(ecg, packed), output_dict=True).values())
+        total.backward()
+        optimizer.step()
+
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    _sync(device)
+    start, steps = time.perf_counter(), 3
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return {"tower_step_samples_per_s": steps * batch_size / (time.perf_counter() - start),
+            "flops_per_sample_fwd_bwd": counter.get_total_flops() / batch_size}
+
+
+def recipe_figures(quick, device, precision, ptbxl) -> tuple:
+    batch_size = 16 if quick else 64
+    rounds = 1 if quick else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        n_records = 48 if quick else 1024
+        with_beats = expand_shards(_write_recipe_shards(tmp, ptbxl, n_records, beats=True), split="train")
+        older = expand_shards(_write_recipe_shards(tmp, ptbxl, n_records, beats=False), split="train")
+        per_core = recipe_pipeline_rates(with_beats, older, rounds)
+        per_worker = {w: _loader_rate(with_beats, batch_size, w, 3 if quick else 12) / w for w in (1, 2)}
+    tower = tower_consumption(device, precision, batch_size)
+    gpu = 0.1 * BF16_PEAK_FLOPS / tower["flops_per_sample_fwd_bwd"]
+    figures = {
+        "recipe": f"{RECIPE_MODEL}, {RECIPE_RATE} Hz, {RECIPE_CROP_SECONDS:g} s crops, sampled text, batch {batch_size}",
+        "recipe_data": ptbxl or "synthetic records",
+        **{f"per_core_samples_per_s_{k}": v for k, v in per_core.items()},
+        **{f"loader_samples_per_s_per_worker_{w}_workers": v for w, v in per_worker.items()},
+        **tower,
+        f"gpu_samples_per_s_at_10pct_of_{BF16_PEAK_FLOPS / 1e12:g}_tflops": gpu,
+    }
+    ratios = {}
+    for epoch in ("first_epoch", "later_epochs"):
+        rr, plain = per_core[f"rr_recipe_{epoch}"], per_core[f"plain_12_lead_{epoch}"]
+        ratios[f"rr_recipe_vs_plain_per_core_{epoch}"] = rr / plain
+        ratios[f"rr_recipe_vs_today_per_core_{epoch}"] = rr / per_core[f"rr_recipe_today_{epoch}"]
+        ratios[f"rr_recipe_older_shards_vs_plain_per_core_{epoch}"] = per_core[f"rr_recipe_older_shards_{epoch}"] / plain
+    ratios["loader_per_worker_vs_tower_step"] = per_worker[1] / tower["tower_step_samples_per_s"]
+    return figures, ratios
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def run(quick: bool = False, device: str = "cpu") -> dict:
+def run(quick: bool = False, device: str = "cpu", ptbxl: str = None) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     precision = "amp_bf16" if torch.device(device).type == "cuda" else "fp32"
     batch_size = 16 if quick else 64
@@ -149,11 +364,11 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     workers = 2
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = _write_synthetic_shards(tmp, 64 if quick else 256, 4)
-        from open_clip_ecg.data.pipeline import expand_shards
-
         shards = expand_shards(shards_dir, split="train")
         per_core = pipeline_rate(shards, tokenizer, batch_size, 0, n_batches)
         with_workers = pipeline_rate(shards, tokenizer, batch_size, workers, n_batches)
+    ptbxl = ptbxl or os.environ.get(PTBXL_ENV)
+    recipe, recipe_ratios = recipe_figures(quick, device, precision, ptbxl if ptbxl and os.path.isdir(ptbxl) else None)
     return {
         "name": "training",
         "figures": {
@@ -162,11 +377,13 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
             "bare_loop_samples_per_s": bare, "open_clip_loop_samples_per_s": looped,
             "pipeline_samples_per_s_0_workers": per_core,
             f"pipeline_samples_per_s_{workers}_workers": with_workers,
+            **recipe,
         },
         "ratios": {
             "open_clip_loop_vs_bare": looped / bare,
             "pipeline_vs_training": with_workers / looped,
             "pipeline_per_core_vs_training": per_core / looped,
+            **recipe_ratios,
         },
     }
 
@@ -175,5 +392,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ptbxl", default=None,
+                        help=f"PTB-XL folder for the recipe benchmark (default: ${PTBXL_ENV}, else synthetic records)")
     cli = parser.parse_args()
-    print(json.dumps(run(cli.quick, cli.device), indent=2))
+    print(json.dumps(run(cli.quick, cli.device, cli.ptbxl), indent=2))

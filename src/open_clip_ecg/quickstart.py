@@ -183,7 +183,8 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
     manifest = write_shards(reader, shard_dir, ShardOptions(
         sampling_rate=sampling_rate, seconds=10, split_by=defaults.split_by, text=text,
         val_folds=val_folds, test_folds=test_folds,
-        shard_size=max(16, n_records // 16) if data is None else 128, workers=workers, seed=seed))
+        shard_size=max(16, n_records // 16) if data is None else 128, workers=workers, seed=seed,
+        beats=True))  # the RR models' loaders read the stored beats instead of detecting them
     counts = manifest["counts"]
     print(f"      {counts}", file=sys.stderr)
     for split in ("train", "val", "test"):

@@ -109,8 +109,8 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
 
     Returns ``{"vocabulary": [{"id", "code", "name", ...}], "sampling_rate": float,
     "n_samples": int (stored record length), "directory": str (the first folder), "text": the text
-    mode}``. A missing or inconsistent file, or a manifest of another format version, is a
-    ValueError naming it. Shards of several folders (a ``::`` list) must agree on :data:`AGREED`,
+    mode, "beats": the beat detector whose beats the samples carry, or None}``. A missing or
+    inconsistent file, or a manifest of another format version, is a ValueError naming it. Shards of several folders (a ``::`` list) must agree on :data:`AGREED`,
     or the error names the two folders that differ; remote shards must be listed in their folder's
     manifest (locally, :func:`.pipeline.expand_shards` checks that they exist).
     """
@@ -148,6 +148,7 @@ def _folder_info(shard: str, first: Optional[Dict] = None) -> Dict:
         raise ValueError(f"{manifest_path} declares sampling rate {rate} and seconds {seconds}")
     info = {"vocabulary": vocabulary, "sampling_rate": rate, "n_samples": int(round(rate * seconds)),
             "directory": directory, "text": options.get("text"), "version": version,
+            "beats": options.get("beats"),
             "shards": {s.get("name") for s in manifest.get("shards", []) if isinstance(s, dict)}}
     if first is not None:
         for what, key in (("sampling rate", "sampling_rate"), ("record length", "n_samples")):

@@ -29,6 +29,7 @@ import math
 import os
 import random
 import tarfile
+from collections import OrderedDict
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -45,10 +46,10 @@ from ..compat import (  # open_clip_train's, reused as-is: epoch sync and determ
 from ..leads import RR_CHANNELS, STANDARD_LEADS, lead_indices
 from .locations import ShardReadError, is_remote, local_path, why_unreadable
 from .manifest import count_samples, shard_schema
-from .rhythm import split_channels
+from .rhythm import BEAT_DETECTOR, split_channels
 from .shard_format import SampleSchema, ShardFormatError, decode_sample, shard_glob
 from .text import TrainingTextSampler
-from .transforms import build_ecg_transform
+from .transforms import Compose, build_ecg_transform
 from .vocabulary import labels_to_multi_hot
 
 SHARD_SHUFFLE_SIZE = 2000
@@ -243,7 +244,10 @@ def unpack_text_and_labels(packed: torch.Tensor) -> PackedText:
 
 class ECGSamplePreparer:
     """Decoded sample -> model-ready ECG (selected leads, crop, normalisation, RR channels when the
-    model takes them; they need the shards' `sampling_rate`) and label multi-hot."""
+    model takes them; they need the shards' `sampling_rate`) and label multi-hot.
+
+    The RR channels come from the sample's stored beats when it carries them (:mod:`.rhythm`) and
+    the model's leads are the ones they were found on; otherwise the beats are detected here."""
 
     def __init__(self, n_samples: int, n_labels: int, train: bool, leads: Sequence[str] = STANDARD_LEADS,
                  normalize: str = "center", amplitude_scale=None, lead_dropout: float = 0.0,
@@ -256,9 +260,14 @@ class ECGSamplePreparer:
         self.transform = build_ecg_transform(train=train, n_samples=n_samples, normalize=normalize,
                                              amplitude_scale=amplitude_scale, lead_dropout=lead_dropout,
                                              rr_sampling_rate=sampling_rate if with_rr else None)
+        self.stored_beats_fit = with_rr and list(leads) == BEAT_DETECTOR["leads"]
+        if self.stored_beats_fit:  # the RR step comes first (build_ecg_transform): fed the stored beats
+            self.append_rr, self.after_rr = self.transform.transforms[0], Compose(self.transform.transforms[1:])
 
     def ecg(self, sample: Dict) -> torch.Tensor:
         signal = torch.from_numpy(sample["ecg"][self.lead_index])
+        if self.stored_beats_fit and "beats" in sample:
+            return torch.as_tensor(self.after_rr(self.append_rr(signal, sample["beats"])), dtype=torch.float32)
         return torch.as_tensor(self.transform(signal), dtype=torch.float32)
 
     def multi_hot(self, sample: Dict) -> torch.Tensor:
@@ -266,6 +275,27 @@ class ECGSamplePreparer:
             return labels_to_multi_hot(sample["label_ids"], self.n_labels)
         except ValueError as e:
             raise ShardFormatError(f"sample {sample['key']}: {e}") from e
+
+
+class CachedTokenizer:
+    """A tokenizer that keeps the tokens of the last `size` distinct texts: training texts repeat
+    (every stored text each epoch, the short finding sentences many times per epoch) and
+    tokenising is a third of preparing a sample. A class so workers can pickle it."""
+
+    def __init__(self, tokenizer: Callable, size: int = 32768):
+        self.tokenizer, self.size = tokenizer, size
+        self.cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+
+    def __call__(self, text: str) -> torch.Tensor:
+        """The ``[context]`` tokens of one text."""
+        tokens = self.cache.get(text)
+        if tokens is None:
+            tokens = self.cache[text] = self.tokenizer(text)[0]
+            if len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(text)
+        return tokens
 
 
 class ContrastivePair:
@@ -278,7 +308,7 @@ class ContrastivePair:
     def __init__(self, preparer: ECGSamplePreparer, tokenizer: Callable,
                  text_sampler: Optional[TrainingTextSampler] = None):
         self.preparer = preparer
-        self.tokenizer = tokenizer
+        self.tokens = CachedTokenizer(tokenizer)
         self.text_sampler = text_sampler
 
     def __call__(self, sample: Dict):
@@ -288,8 +318,7 @@ class ContrastivePair:
         else:
             text, stated = self.text_sampler(sample["text"], sample["meta"].get("report"), sample["label_ids"])
             text_labels = labels_to_multi_hot(stated, len(labels))
-        tokens = self.tokenizer(text)[0]
-        return self.preparer.ecg(sample), pack_text_and_labels(tokens, labels, text_labels)
+        return self.preparer.ecg(sample), pack_text_and_labels(self.tokens(text), labels, text_labels)
 
 
 def _collate_pairs(samples):

@@ -17,23 +17,43 @@ finds 99.7 % of XQRS's beats (test_rhythm.py compares them). From the beats, sam
   (a 10 % longer beat reads 0.5): irregularity relative to the whole record, even in a crop;
 - ``HR``: the current heart rate, (bpm - 70) / 30: bradycardia and tachycardia as a level.
 
-Both are computed on the whole record before cropping. A record with fewer than three detected
-beats gets zeros in both (no rhythm information), which is what a flat or too short record yields.
+Both are computed on the whole record before cropping and normalisation (the beats of the signal
+as recorded, whatever the model's normalisation). A record with fewer than three detected beats
+gets zeros in both (no rhythm information), which is what a flat or too short record yields.
+
+Cost: the band-pass is designed once per rate (:func:`qrs_filter`), and the shard writer stores
+each record's beats of all 12 leads (:data:`BEAT_DETECTOR` in the manifest), so training,
+evaluation and ``embed`` read them instead of detecting again; older shards, other detectors and
+models on fewer leads detect at read time. Either way the channels are the same: the writer
+detects on the float16 signal the shard stores, exactly what a reader would decode.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy.signal import butter, find_peaks, sosfiltfilt
 
-from ..leads import RR_CHANNELS
+from ..leads import RR_CHANNELS, STANDARD_LEADS
 
 QRS_BAND = (5.0, 15.0)  # Hz: where QRS energy dominates P and T waves and baseline wander
 SMOOTHING = 0.08  # s
 REFRACTORY = 0.3  # s: no two beats closer (200 bpm)
 THRESHOLD = 0.35  # of the energy's 99th percentile
+
+# Stored beats are used only when the shards' manifest names this detector (bump the version when
+# anything above changes what it finds) and the model's leads are these, in this order.
+BEAT_DETECTOR = {"name": "open_clip_ecg.data.rhythm.detect_beats", "version": 1, "leads": list(STANDARD_LEADS)}
+
+
+@functools.lru_cache(maxsize=16)
+def qrs_filter(sampling_rate: float) -> np.ndarray:
+    """Second-order sections of the QRS band-pass at `sampling_rate`, designed once per rate
+    (designing it per record was a third of the detector's time)."""
+    high = min(QRS_BAND[1], 0.45 * sampling_rate)
+    return butter(2, [QRS_BAND[0], high], btype="band", fs=sampling_rate, output="sos")
 
 
 def detect_beats(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
@@ -42,9 +62,7 @@ def detect_beats(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
     rate = float(sampling_rate)
     if signal.shape[-1] < 2 * rate:  # under two seconds: no RR interval worth a channel
         return np.zeros(0, dtype=np.int64)
-    high = min(QRS_BAND[1], 0.45 * rate)
-    sos = butter(2, [QRS_BAND[0], high], btype="band", fs=rate, output="sos")
-    slope = np.diff(sosfiltfilt(sos, signal, axis=-1), axis=-1)
+    slope = np.diff(sosfiltfilt(qrs_filter(rate), signal, axis=-1), axis=-1)
     energy = np.sqrt((slope ** 2).sum(axis=0))
     width = max(1, int(round(SMOOTHING * rate)))
     energy = np.convolve(energy, np.ones(width) / width, mode="same")
@@ -57,27 +75,38 @@ def detect_beats(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
 
 def rr_channels(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
     """``[2, T]`` float32 (:data:`RR_CHANNELS`) for a ``[leads, T]`` signal."""
-    n = np.asarray(signal).shape[-1]
+    return rr_channels_from_beats(detect_beats(signal, sampling_rate), np.asarray(signal).shape[-1], sampling_rate)
+
+
+def rr_channels_from_beats(beats: np.ndarray, n: int, sampling_rate: float) -> np.ndarray:
+    """``[2, n]`` float32 (:data:`RR_CHANNELS`) of a record of `n` samples with these beats."""
     out = np.zeros((len(RR_CHANNELS), n), dtype=np.float32)
-    beats = detect_beats(signal, sampling_rate)
+    beats = np.asarray(beats, dtype=np.int64)
     if len(beats) < 3:
         return out
     rr = np.diff(beats) / float(sampling_rate)  # seconds; rr[k] spans beats k..k+1
-    current = rr[np.clip(np.searchsorted(beats[1:], np.arange(n), side="right"), 0, len(rr) - 1)]
-    out[0] = (current / np.median(rr) - 1.0) * 5.0
-    out[1] = (60.0 / current - 70.0) / 30.0
+    # rr[k] holds from beat k+1 on (rr[0] before it, the last interval after the last beat)
+    lengths = np.diff(np.concatenate([[0], beats[1:-1], [n]]))
+    ordered = np.sort(rr)  # np.median's value at a tenth of its cost on a few dozen intervals
+    median = (ordered[(len(rr) - 1) // 2] + ordered[len(rr) // 2]) / 2.0
+    values = np.stack([(rr / median - 1.0) * 5.0, (60.0 / rr - 70.0) / 30.0])
+    out[:] = np.repeat(values, lengths, axis=1)
     return out
 
 
 class AppendRRChannels:
     """Transform stage: ``[leads, T]`` -> ``[leads + 2, T]``, the RR channels appended (run it on
-    the whole record, before any crop)."""
+    the whole record, before any crop or normalisation). `beats`, when given, are the record's
+    stored beats (:data:`BEAT_DETECTOR`), used instead of detecting them again."""
 
     def __init__(self, sampling_rate: float):
         self.sampling_rate = float(sampling_rate)
 
-    def __call__(self, signal: torch.Tensor) -> torch.Tensor:
-        extra = rr_channels(signal.detach().cpu().numpy(), self.sampling_rate)
+    def __call__(self, signal, beats: Optional[np.ndarray] = None) -> torch.Tensor:
+        signal = torch.as_tensor(signal)
+        n = signal.shape[-1]
+        extra = (rr_channels(signal.detach().cpu().numpy(), self.sampling_rate) if beats is None
+                 else rr_channels_from_beats(beats, n, self.sampling_rate))
         return torch.cat([signal, torch.from_numpy(extra).to(signal.device, signal.dtype)])
 
     def __repr__(self) -> str:

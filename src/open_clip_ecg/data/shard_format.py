@@ -19,7 +19,12 @@ this order (:data:`MEMBERS`):
   ``vocabulary.json`` and each id naming its code there (no string read as a list of characters,
   no float truncated to an id);
 - ``meta.json`` (optional for readers): a JSON object (record id, patient, source path, rates,
-  leads, split, fold, report, age, sex and the reader's metadata).
+  leads, split, fold, report, age, sex and the reader's metadata);
+- ``beats.json`` (when the manifest's ``options.beats`` names a beat detector): the sample indices
+  of the record's QRS complexes, found once by the writer on the stored signal
+  (:data:`.rhythm.BEAT_DETECTOR`); increasing integers in ``[0, n_samples)``. Readers use them
+  for the RR channels when the manifest names the detector they would run, and detect at read
+  time otherwise (older shards, another detector version).
 
 Members are written as sorted-key, non-ASCII-preserving JSON; JSON members are read bounded in
 size (``MAX_JSON_BYTES``) and nesting (``MAX_JSON_DEPTH``), the folder's JSON files by
@@ -27,16 +32,19 @@ size (``MAX_JSON_BYTES``) and nesting (``MAX_JSON_DEPTH``), the folder's JSON fi
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from numpy.lib import format as npy_format
+
+from .rhythm import BEAT_DETECTOR
 
 MANIFEST_VERSION = 1  # bump when the bytes of a sample or the folder files change meaning
 SPLITS = ("train", "val", "test")
@@ -46,7 +54,8 @@ ECG_MEMBER = "ecg.npy"
 TEXT_MEMBER = "txt"
 LABELS_MEMBER = "labels.json"
 META_MEMBER = "meta.json"
-MEMBERS = (ECG_MEMBER, TEXT_MEMBER, LABELS_MEMBER, META_MEMBER)  # in the order they are written
+BEATS_MEMBER = "beats.json"
+MEMBERS = (ECG_MEMBER, TEXT_MEMBER, LABELS_MEMBER, META_MEMBER, BEATS_MEMBER)  # in the order they are written
 REQUIRED_MEMBERS = (ECG_MEMBER, TEXT_MEMBER, LABELS_MEMBER)      # what a reader needs
 
 MAX_JSON_BYTES = 1 << 20
@@ -69,10 +78,12 @@ class SampleSchema:
     n_leads: int
     n_samples: int
     codes: Tuple[str, ...]  # vocabulary codes by id
+    beats: bool = False  # samples carry beats of the detector this code runs (BEATS_MEMBER)
 
     @classmethod
     def from_shard_info(cls, info: dict, n_leads: int) -> "SampleSchema":
-        return cls(n_leads, int(info["n_samples"]), tuple(str(v["code"]) for v in info["vocabulary"]))
+        return cls(n_leads, int(info["n_samples"]), tuple(str(v["code"]) for v in info["vocabulary"]),
+                   beats=info.get("beats") == BEAT_DETECTOR)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,16 +145,20 @@ def json_bytes(value) -> bytes:
 
 
 def encode_sample(ecg: np.ndarray, text: str, label_ids: Sequence[int], label_codes: Sequence[str],
-                  meta: Mapping) -> Dict[str, bytes]:
-    """The members of one sample (without its key), in :data:`MEMBERS` order."""
+                  meta: Mapping, beats: Optional[np.ndarray] = None) -> Dict[str, bytes]:
+    """The members of one sample (without its key), in :data:`MEMBERS` order; ``beats`` only
+    when the folder stores them."""
     buffer = io.BytesIO()
     np.save(buffer, ecg, allow_pickle=False)
-    return {
+    members = {
         ECG_MEMBER: buffer.getvalue(),
         TEXT_MEMBER: text.encode("utf-8"),
         LABELS_MEMBER: json_bytes({"ids": list(label_ids), "codes": list(label_codes)}),
         META_MEMBER: json_bytes(meta),
     }
+    if beats is not None:
+        members[BEATS_MEMBER] = json_bytes([int(b) for b in beats])
+    return members
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +183,13 @@ def decode_sample(sample: Dict, schema_for: Callable[[str], SampleSchema]) -> Di
         text = sample[TEXT_MEMBER].decode("utf-8")
     except UnicodeDecodeError as e:
         raise ShardFormatError(f"{where}: {TEXT_MEMBER} is not UTF-8: {e}") from e
-    return {"key": sample["__key__"], "ecg": ecg, "text": text, "label_ids": label_ids,
-            "label_codes": label_codes, "meta": meta}
+    decoded = {"key": sample["__key__"], "ecg": ecg, "text": text, "label_ids": label_ids,
+               "label_codes": label_codes, "meta": meta}
+    if schema.beats:
+        if BEATS_MEMBER not in sample:
+            raise ShardFormatError(f"{where}: sample lacks {BEATS_MEMBER}, which the shard folder's manifest declares")
+        decoded["beats"] = check_beats(load_json(sample[BEATS_MEMBER], where, BEATS_MEMBER), schema, where)
+    return decoded
 
 
 def check_manifest_version(manifest: Mapping, path) -> None:
@@ -184,27 +204,43 @@ def check_manifest_version(manifest: Mapping, path) -> None:
 def load_ecg(data: bytes, schema: SampleSchema, where: str) -> np.ndarray:
     """The float32 ``[leads, samples]`` ECG of an ``ecg.npy`` member, its header checked first."""
     expected = (schema.n_leads, schema.n_samples)
-    buffer = io.BytesIO(data)
     try:
-        version = npy_format.read_magic(buffer)
-        if version == (1, 0):
-            shape, fortran_order, dtype = npy_format.read_array_header_1_0(buffer)
-        else:
-            shape, fortran_order, dtype = npy_format.read_array_header_2_0(buffer)
+        shape, fortran_order, dtype, offset = _npy_header(bytes(data[:_npy_header_length(data)]))
     except (ValueError, SyntaxError) as err:
         raise ShardFormatError(f"{where}: {ECG_MEMBER} is not a readable .npy: {err}") from None
     if tuple(shape) != expected or dtype != ECG_DTYPE:
         raise ShardFormatError(f"{where}: {ECG_MEMBER} declares {dtype} {tuple(shape)}; the shard folder's manifest "
                                f"declares float16 {expected}")
     n_bytes = ECG_DTYPE.itemsize * expected[0] * expected[1]
-    if len(data) - buffer.tell() != n_bytes:
-        raise ShardFormatError(f"{where}: {ECG_MEMBER} holds {len(data) - buffer.tell()} data bytes, its header "
+    if len(data) - offset != n_bytes:
+        raise ShardFormatError(f"{where}: {ECG_MEMBER} holds {len(data) - offset} data bytes, its header "
                                f"promises {n_bytes}")
-    ecg = np.frombuffer(data, dtype=ECG_DTYPE, offset=buffer.tell())
+    ecg = np.frombuffer(data, dtype=ECG_DTYPE, offset=offset)
     ecg = ecg.reshape(expected[::-1]).T if fortran_order else ecg.reshape(expected)
     if not np.isfinite(ecg).all():
         raise ShardFormatError(f"{where}: {ECG_MEMBER} holds non-finite values")
     return ecg.astype(np.float32)
+
+
+def _npy_header_length(data: bytes) -> int:
+    """Bytes of an ``.npy`` header (magic, length field, header), read from its length field;
+    unrecognised input gives all of `data`, for :func:`_npy_header` to reject."""
+    if len(data) >= 12 and data[:6] == b"\x93NUMPY":
+        return 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else 12 + int.from_bytes(data[8:12], "little")
+    return len(data)
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes):
+    """(shape, fortran order, dtype, data offset) of an ``.npy`` header, parsed once per distinct
+    header (every sample of a folder has the same one; numpy's parser costs a tenth of a decode)."""
+    buffer = io.BytesIO(header)
+    version = npy_format.read_magic(buffer)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy_format.read_array_header_1_0(buffer)
+    else:
+        shape, fortran_order, dtype = npy_format.read_array_header_2_0(buffer)
+    return shape, fortran_order, dtype, buffer.tell()
 
 
 def load_json(data: bytes, where: str, member: str, max_bytes: int = MAX_JSON_BYTES):
@@ -215,7 +251,7 @@ def load_json(data: bytes, where: str, member: str, max_bytes: int = MAX_JSON_BY
         value = json.loads(data)
     except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than Python's stack
         raise ShardFormatError(f"{where}: {member} is not valid JSON: {type(err).__name__}: {err}") from None
-    if _depth(value) > MAX_JSON_DEPTH:
+    if _too_deep(data, value):
         raise ShardFormatError(f"{where}: {member} is nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
@@ -224,6 +260,12 @@ def load_folder_json(path):
     """A JSON file of a shard folder (manifest, sizes, vocabulary), bounded by MAX_FOLDER_JSON_BYTES."""
     with open(path, "rb") as f:
         return load_json(f.read(), os.fspath(path), os.path.basename(path), MAX_FOLDER_JSON_BYTES)
+
+
+def _too_deep(data: bytes, value) -> bool:
+    """Whether parsed JSON nests deeper than MAX_JSON_DEPTH. Each level needs an opening bracket:
+    counting them in the bytes is far cheaper than walking the value, which only few need."""
+    return data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _depth(value) > MAX_JSON_DEPTH
 
 
 def _depth(value) -> int:
@@ -259,6 +301,17 @@ def check_labels(labels, schema: SampleSchema, where: str) -> Tuple[List[int], L
         raise ShardFormatError(f"{where}: {LABELS_MEMBER} ids and codes disagree with vocabulary.json: "
                                f"{', '.join(wrong[:3])}")
     return list(ids), list(codes)
+
+
+def check_beats(beats, schema: SampleSchema, where: str) -> np.ndarray:
+    """The int64 sample indices of a parsed ``beats.json``: increasing integers inside the record."""
+    if not isinstance(beats, list) or any(type(b) is not int for b in beats):
+        raise ShardFormatError(f"{where}: {BEATS_MEMBER} must be a list of integers, got {_excerpt(beats)}")
+    array = np.asarray(beats, dtype=np.int64)
+    if len(array) and (array[0] < 0 or array[-1] >= schema.n_samples or (np.diff(array) <= 0).any()):
+        raise ShardFormatError(f"{where}: {BEATS_MEMBER} {_excerpt(beats)} are not increasing sample indices in "
+                               f"0..{schema.n_samples - 1}")
+    return array
 
 
 def check_meta(meta, where: str) -> dict:

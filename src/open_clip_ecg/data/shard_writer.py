@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 from tqdm import tqdm
 
 from ..atomic import remove_stale_temps
@@ -51,6 +52,7 @@ from ..leads import STANDARD_LEADS
 from .manifest import MANIFEST_FILE, SIZES_FILE, build_manifest, write_folder_json
 from .preprocess import MISSING_LEAD_POLICIES, preprocess_record, sampling_rate_problem
 from .readers import Reader
+from .rhythm import BEAT_DETECTOR, detect_beats
 from .record import RecordEntry, RecordError
 from .shard_format import (
     MANIFEST_VERSION,
@@ -86,6 +88,7 @@ class ShardOptions:
     test_folds: Sequence[int] = (10,)
     text: str = "report"
     shard_size: int = 1000
+    beats: bool = False                      # store each record's beats (rhythm.BEAT_DETECTOR) for the RR channels
     workers: int = 1
     strict: bool = False
     progress: bool = True
@@ -114,6 +117,7 @@ class ShardOptions:
         for execution_only in ("workers", "strict", "progress"):
             options.pop(execution_only)
         options["val_folds"], options["test_folds"] = list(self.val_folds), list(self.test_folds)
+        options["beats"] = BEAT_DETECTOR if self.beats else None  # readers compare it with their detector
         return options
 
 
@@ -151,7 +155,9 @@ class SampleEncoder:
                     sampling_rate=self.options.sampling_rate, original_sampling_rate=record.sampling_rate,
                     leads=list(STANDARD_LEADS), split=split, fold=entry.fold, report=entry.report,
                     age=meta.get("age"), sex=meta.get("sex"))
-        members = encode_sample(ecg, text, [self.ids[c] for c in codes], codes, meta)
+        # the beats of exactly what a reader decodes (float16 -> float32), so stored and read-time beats agree
+        beats = detect_beats(ecg.astype(np.float32), self.options.sampling_rate) if self.options.beats else None
+        members = encode_sample(ecg, text, [self.ids[c] for c in codes], codes, meta, beats)
         return "sample", sample_key(entry.record_id), members, codes
 
     def _relative(self, path: str) -> str:

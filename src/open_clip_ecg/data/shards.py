@@ -57,6 +57,9 @@ def add_arguments(parser) -> None:
                         help="csv: text encoding of the index (default UTF-8); rows not valid in it are skipped "
                              "as bad_encoding")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--beats", action="store_true",
+                        help="store each record's QRS beats (for models with RR channels, e.g. ECG-RN18-RR-*: "
+                             "their loaders then skip beat detection; costs the writer a beat detection per record)")
     parser.add_argument("--workers", type=int, default=1, help="loading/preprocessing processes (default 1)")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad record (exit status 1)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -136,7 +139,7 @@ def run(args) -> int:
     options = ShardOptions(sampling_rate=args.sampling_rate, seconds=args.seconds, min_seconds=args.min_seconds,
                            missing_leads=args.missing_leads, split_by=args.split_by, val_fraction=args.val_fraction,
                            test_fraction=args.test_fraction, seed=args.seed, val_folds=tuple(args.val_folds),
-                           test_folds=tuple(args.test_folds), text=text, shard_size=args.shard_size,
+                           test_folds=tuple(args.test_folds), text=text, shard_size=args.shard_size, beats=args.beats,
                            workers=args.workers, strict=args.strict, progress=args.progress)
     try:
         reader_options = _reader_options(args)

@@ -1,0 +1,223 @@
+"""Costs that grow linearly: shard writing, training and evaluation on generated MIMIC-IV-ECG data.
+
+Generates records in the MIMIC-IV-ECG release layout (``record_list.csv``,
+``machine_measurements.csv`` with ``report_0..17``, ``files/p1000/p1000NNNN/sNNNNNNNN/NNNNNNNN.{hea,dat}``,
+12 leads, 500 Hz, 10 s; signals from :mod:`open_clip_ecg.data.synthetic`) at two sizes into a
+temporary folder (deleted at the end), and measures in fresh processes:
+
+* ``shards`` (the writer, 500 Hz, 10 s, default options: no stored beats) with 1 and 2 workers:
+  seconds per record and peak RSS (the main process; the largest worker), and with ``--beats``
+  at 1 worker;
+* raw ``wfdb.rdsamp`` of every record in one process: the writer's reference;
+* one epoch of ``train`` with ``--dataset-resampled`` (a fixed ``--train-num-samples``, so its time
+  should not depend on the collection) and ``evaluate`` of the larger set's test split.
+
+Ratios (aims): ``shards_time_per_record_large_vs_small_{1,2}_workers`` <= 1.2,
+``shards_peak_rss_large_vs_small_{1,2}_workers`` <= 1.2, ``writer_vs_raw_wfdb_1_worker`` >= 0.8
+(records/s of the writer over records/s of reading alone).
+
+    python scripts/benchmarks/bench_scale.py [--sizes 2000 20000] [--quick] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import wfdb
+
+from open_clip_ecg.data.readers.mimic_iv_ecg import MEASUREMENT_COLUMNS, REPORT_COLUMNS
+from open_clip_ecg.data.synthetic import generate_record
+from open_clip_ecg.leads import STANDARD_LEADS
+
+MIMIC_LEADS = ["I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"]  # the release's order
+STATEMENTS = ["Sinus rhythm", "Normal ECG", "Sinus bradycardia", "Sinus tachycardia", "Atrial fibrillation",
+              "Left axis deviation", "Low QRS voltages in limb leads", "Borderline ECG", "Abnormal ECG",
+              "Inferior infarct - age undetermined", "Nonspecific T wave abnormality", "Left ventricular hypertrophy",
+              "RBBB", "Prolonged QT interval", "Poor R wave progression - probable normal variant"]
+TEMPLATES = 32  # distinct synthetic signals, each shifted and rescaled per record (generation stays cheap)
+
+
+# --------------------------------------------------------------------------------------------
+# Data in the MIMIC-IV-ECG layout
+# --------------------------------------------------------------------------------------------
+
+def write_mimic_layout(root: Path, n: int, seed: int = 0) -> Path:
+    """`n` records in the MIMIC-IV-ECG release layout under `root`; returns `root`."""
+    rng = np.random.default_rng(seed)
+    order = [STANDARD_LEADS.index(name) for name in MIMIC_LEADS]
+    templates = [generate_record(i, seed=seed, sampling_rate=500, seconds=10).signal[order] for i in range(TEMPLATES)]
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "record_list.csv", "w", newline="") as records, \
+            open(root / "machine_measurements.csv", "w", newline="") as measurements:
+        record_rows = csv.writer(records)
+        record_rows.writerow(["subject_id", "study_id", "file_name", "ecg_time", "path"])
+        measurement_rows = csv.writer(measurements)
+        measurement_rows.writerow(["subject_id", "study_id", *MEASUREMENT_COLUMNS[:1], "ecg_time", *REPORT_COLUMNS,
+                                   *MEASUREMENT_COLUMNS[1:]])
+        for i in range(n):
+            subject, study = 10000000 + i // 3, 40000000 + i
+            folder = Path("files") / f"p{str(subject)[:4]}" / f"p{subject}" / f"s{study}"
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            signal = np.roll(templates[i % TEMPLATES], int(rng.integers(0, 5000)), axis=1)
+            signal = signal * rng.uniform(0.8, 1.2) + rng.normal(0, 0.01, size=signal.shape)
+            digital = np.clip(np.rint(signal.T * 200), -32767, 32767).astype(np.int16)
+            wfdb.wrsamp(str(study), fs=500, units=["mV"] * 12, sig_name=MIMIC_LEADS, d_signal=digital,
+                        fmt=["16"] * 12, adc_gain=[200.0] * 12, baseline=[0] * 12, write_dir=str(root / folder))
+            time_of = f"2180-01-{1 + i % 28:02d} 10:{i % 60:02d}:00"
+            record_rows.writerow([subject, study, f"{folder}/{study}", time_of, f"{folder}/{study}"])
+            chosen = list(rng.choice(STATEMENTS, size=int(rng.integers(1, 5)), replace=False))
+            values = [str(rng.integers(100, 999)) for _ in MEASUREMENT_COLUMNS[1:]]
+            measurement_rows.writerow([subject, study, "6848", time_of, *chosen,
+                                       *[""] * (len(REPORT_COLUMNS) - len(chosen)), *values])
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements, each in a fresh process (its own peak RSS)
+# --------------------------------------------------------------------------------------------
+
+_CHILD = textwrap.dedent("""
+    import json, resource, sys, time
+    job = json.loads(sys.argv[1])
+    start = time.perf_counter()
+    {body}
+    seconds = time.perf_counter() - start
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({{"seconds": seconds, "peak_rss_mb": own, "peak_rss_worker_mb": children, **result}}))
+""")
+
+_RAW_WFDB = """
+import glob, wfdb
+from open_clip_ecg.data.readers.mimic_iv_ecg import MIMICIVECGReader
+paths = [e.path for e in MIMICIVECGReader(job["root"]).entries()]
+start = time.perf_counter()  # after the imports; reading the tables is the writer's job, not wfdb's
+for path in paths:
+    wfdb.rdsamp(path)
+result = {"records": len(paths)}
+"""
+
+_SHARDS = """
+from open_clip_ecg.data.readers import get_reader
+from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+start = time.perf_counter()  # after the imports
+manifest = write_shards(get_reader("mimic-iv-ecg", job["root"]), job["out"], ShardOptions(
+    sampling_rate=500, seconds=10, shard_size=1000, workers=job["workers"], beats=job["beats"], progress=False))
+result = {"records": manifest["records"]["listed"], "written": manifest["records"]["written"]}
+"""
+
+_TRAIN = """
+import open_clip_ecg.train as train
+start = time.perf_counter()  # after the imports
+assert train.main(job["argv"]) == 0
+result = {}
+"""
+
+_EVALUATE = """
+from open_clip_ecg.cli import main
+start = time.perf_counter()  # after the imports
+assert main(job["argv"]) == 0
+result = {}
+"""
+
+
+def _child(body: str, job: dict) -> dict:
+    code = _CHILD.format(body=textwrap.dedent(body))
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark step failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_size(work: Path, n: int, train_samples: int, batch_size: int) -> dict:
+    root = write_mimic_layout(work / f"mimic-{n}", n)
+    figures = {"raw_wfdb": _child(_RAW_WFDB, {"root": str(root)})}
+    out = work / f"shards-{n}"
+    for workers, beats in ((1, True), (1, False), (2, False)):  # the default (no beats) last: trained on below
+        shutil.rmtree(out, ignore_errors=True)
+        name = f"shards_{workers}_workers" + ("_beats" if beats else "")
+        figures[name] = _child(_SHARDS, {"root": str(root), "out": str(out), "workers": workers, "beats": beats})
+    logs = work / f"logs-{n}"
+    figures["train_resampled_epoch"] = _child(_TRAIN, {"argv": [
+        "--model", "ECG-RN18-CLIPText", "--train-data", str(out / "train-*.tar"), "--dataset-resampled",
+        "--train-num-samples", str(train_samples), "--batch-size", str(batch_size), "--epochs", "1",
+        "--workers", "1", "--lr", "1e-3", "--warmup", "1", "--logs", str(logs), "--name", "scale",
+        "--seed", "0", "--ecg-seconds", "2.5", "--save-frequency", "1", "--log-every-n-steps", "1000"]})
+    figures["train_resampled_epoch"]["samples"] = train_samples
+    figures["checkpoint"] = str(logs / "scale" / "checkpoints" / "epoch_1.pt")
+    figures["shards"] = str(out)
+    return figures
+
+
+def run(quick: bool = False, device: str = "cpu", sizes=None, keep=None) -> dict:
+    sizes = sorted(sizes or ((40, 400) if quick else (2000, 20000)))
+    small, large = sizes[0], sizes[-1]
+    train_samples, batch_size = (16, 8) if quick else (64, 16)
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    try:
+        per_size = {n: measure_size(work, n, train_samples, batch_size) for n in (small, large)}
+        test = Path(per_size[large]["shards"])
+        evaluation = _child(_EVALUATE, {"argv": [
+            "evaluate", "--model", "ECG-RN18-CLIPText", "--pretrained", per_size[large]["checkpoint"],
+            "--data", str(test), "--split", "test", "--task", "labels", "--batch-size", "64",
+            "--bootstrap", "0", "--out", str(work / "eval")]})
+        test_records = json.loads((test / "manifest.json").read_text())["counts"]["test"]
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    figures = {"sizes": [small, large], "device": device}
+    for n, f in per_size.items():
+        figures[f"raw_wfdb_records_per_s_{n}"] = f["raw_wfdb"]["records"] / f["raw_wfdb"]["seconds"]
+        for workers in (1, 2):
+            s = f[f"shards_{workers}_workers"]
+            figures[f"shards_ms_per_record_{n}_{workers}_workers"] = 1000 * s["seconds"] / s["records"]
+            figures[f"shards_peak_rss_mb_{n}_{workers}_workers"] = s["peak_rss_mb"]
+            figures[f"shards_peak_rss_worker_mb_{n}_{workers}_workers"] = s["peak_rss_worker_mb"]
+        figures[f"shards_ms_per_record_{n}_1_workers_beats"] = (1000 * f["shards_1_workers_beats"]["seconds"]
+                                                              / f["shards_1_workers_beats"]["records"])
+        t = f["train_resampled_epoch"]
+        figures[f"train_resampled_epoch_s_{n}"] = t["seconds"]
+        figures[f"train_resampled_peak_rss_mb_{n}"] = t["peak_rss_mb"]
+    figures["train_resampled_samples"] = train_samples
+    figures[f"evaluate_test_records_{large}"] = test_records
+    figures[f"evaluate_s_{large}"] = evaluation["seconds"]
+    figures[f"evaluate_peak_rss_mb_{large}"] = evaluation["peak_rss_mb"]
+
+    def per_record(n, w):
+        return figures[f"shards_ms_per_record_{n}_{w}_workers"]
+
+    ratios = {}
+    for w in (1, 2):
+        ratios[f"shards_time_per_record_large_vs_small_{w}_workers"] = per_record(large, w) / per_record(small, w)
+        ratios[f"shards_peak_rss_large_vs_small_{w}_workers"] = (figures[f"shards_peak_rss_mb_{large}_{w}_workers"]
+                                                                  / figures[f"shards_peak_rss_mb_{small}_{w}_workers"])
+    for n in (small, large):
+        ratios[f"writer_vs_raw_wfdb_1_worker_{n}"] = (1000 / per_record(n, 1)) / figures[f"raw_wfdb_records_per_s_{n}"]
+        ratios[f"writer_with_beats_vs_raw_wfdb_1_worker_{n}"] = (
+            (1000 / figures[f"shards_ms_per_record_{n}_1_workers_beats"]) / figures[f"raw_wfdb_records_per_s_{n}"])
+    ratios["train_resampled_epoch_time_large_vs_small"] = (figures[f"train_resampled_epoch_s_{large}"]
+                                                           / figures[f"train_resampled_epoch_s_{small}"])
+    ratios["train_resampled_peak_rss_large_vs_small"] = (figures[f"train_resampled_peak_rss_mb_{large}"]
+                                                         / figures[f"train_resampled_peak_rss_mb_{small}"])
+    return {"name": "scale", "figures": figures, "ratios": ratios}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="40 and 400 records: a smoke run")
+    parser.add_argument("--sizes", type=int, nargs=2, default=None, help="the two collection sizes (default 2000 20000)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
+    cli = parser.parse_args()
+    print(json.dumps(run(cli.quick, cli.device, cli.sizes, cli.keep), indent=2))
