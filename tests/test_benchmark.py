@@ -21,3 +21,16 @@ def test_benchmark_suite_quick(tmp_path):
         assert r["ratios"] and all(v > 0 for v in r["ratios"].values()), r
     table = (tmp_path / "benchmark.md").read_text()
     assert "open_clip_loop_vs_bare" in table and "live_frozen_vs_cached_text_step_large" in table
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_on_tiny_mimic_layouts(tmp_path):
+    """bench_scale generates both sizes in the MIMIC-IV-ECG layout, writes, trains and evaluates."""
+    script = SCRIPT.parent / "benchmarks" / "bench_scale.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--sizes", "8", "20", "--keep", str(tmp_path)],
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["figures"]["sizes"] == [8, 20]
+    assert all(v > 0 for v in report["ratios"].values()), report
+    assert (tmp_path / "mimic-20" / "files").is_dir() and (tmp_path / "shards-20" / "manifest.json").is_file()
