@@ -516,9 +516,11 @@ def test_export_of_an_hf_text_tower_loads_from_local_dir_and_hf_hub(vocabulary, 
         local = open_clip.create_model(f"local-dir:{out}").eval()
         assert torch.equal(local.encode_text(open_clip.get_tokenizer(f"local-dir:{out}")(texts)), expected)
 
-        # the Hub serves the same files: open_clip's two download seams answer from the folder
-        monkeypatch.setattr(open_clip.factory, "_get_hf_config",
-                            lambda model_id, cache_dir=None: json.loads((out / "open_clip_config.json").read_text()))
+        # the Hub serves the same files: open_clip's two download seams answer from the folder, and
+        # the text model's path in the config (relative to the folder) resolves to the downloaded files
+        served = json.loads((out / "open_clip_config.json").read_text())
+        served["model_cfg"]["text_cfg"].update(hf_model_name=str(out), hf_tokenizer_name=str(out))
+        monkeypatch.setattr(open_clip.factory, "_get_hf_config", lambda model_id, cache_dir=None: served)
         monkeypatch.setattr(open_clip.factory, "download_pretrained_from_hf",
                             lambda model_id, *a, **k: str(out / "open_clip_model.safetensors"))
         hub, _, preprocess_val = open_clip_ecg.create_model_and_transforms("hf-hub:someone/ecg-model")

@@ -3,10 +3,12 @@
 Importing the package is registration: the 1-D ECG towers enter timm's registry (open_clip's
 ``TimmModel`` builds them) and the ECG model configs enter open_clip's config registry, so
 ``open_clip.create_model('ECG-...')`` and ``open_clip.get_tokenizer('ECG-...')`` just work, and
-decoder-LLM text towers (live or cached) are routed to :mod:`open_clip_ecg.text_towers`.
+decoder-LLM text towers (live or cached) are routed to :mod:`open_clip_ecg.text_towers`, and exported
+ECG folders (``local-dir:``) are checked and loaded strictly (:mod:`open_clip_ecg.exported_folder`).
 Registration is idempotent.
 """
 from . import towers  # noqa: F401  (importing registers the timm entrypoints)
+from .exported_folder import install_exported_folder_seams
 from .factory import create_model_and_transforms
 from .leads import LEAD_SETS, STANDARD_LEADS
 from .loss import MultiLabelSigLipLoss
@@ -15,6 +17,7 @@ from .text_towers import install_text_tower_seams
 from .zeroshot import build_zeroshot_classifier, encode_ecg, predict_proba
 
 install_text_tower_seams()
+install_exported_folder_seams()
 register_model_configs()
 
 __version__ = "0.1.0"

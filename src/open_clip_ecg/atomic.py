@@ -7,6 +7,10 @@ take a path (plots, ``torch.save``, safetensors), :func:`write_text_atomic`,
 Temporaries are named ``NAME.tmpPID`` (PID of the writing process). A process killed between write
 and rename leaves one behind; :func:`remove_stale_temps` deletes those whose process is gone, so
 re-runs and resumes leave a folder equal to that of an uninterrupted run.
+
+Every file gets the permissions the user's umask gives a new file (``0o666 & ~umask``), whatever
+the writer used: safetensors creates its files ``0o600``, which would hide exported weights from
+the user's group.
 """
 from __future__ import annotations
 
@@ -26,6 +30,21 @@ def temp_path(path) -> str:
     return f"{os.fspath(path)}.tmp{os.getpid()}"
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux reports it in /proc/self/status;
+    elsewhere it is set and restored at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path, write: Callable[[str], object]) -> None:
     """Write through ``write(tmp_path)``, then move into place (os.replace is atomic on POSIX).
 
@@ -35,6 +54,7 @@ def write_atomic(path, write: Callable[[str], object]) -> None:
     tmp = temp_path(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:  # `write` has closed its own file: fsync through a new descriptor
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -30,7 +30,9 @@ Seams per purpose (see :data:`SEAMS` for the exact list)
   ``_rescan_model_configs``. The public ``open_clip.add_model_config`` appends its path on every
   call, so re-registering a changed config through it would grow open_clip's path list each time;
   with the two private names a folder is added once and rescanned afterwards.
-  ``open_clip.factory._get_hf_config`` reads an exported model's config (:mod:`open_clip_ecg.export`).
+  ``open_clip.factory._get_hf_config`` reads an exported model's config (:mod:`open_clip_ecg.exported_folder`).
+* Exported folders (:mod:`open_clip_ecg.exported_folder`, installed on import):
+  ``open_clip.factory._find_checkpoint_in_dir`` and ``load_checkpoint`` (check the folder, load strictly).
 * Elsewhere: timm's ``feature_take_indices`` (towers' ``forward_intermediates``; timm exports it
   only from the private ``timm.models._features``), wfdb's ``BYTES_PER_SAMPLE`` (the size check
   of signal files), torch's ``_is_mkldnn_bf16_supported`` (does this CPU do bfloat16).
@@ -78,7 +80,8 @@ labels packed in the text rows              could become a dict batch (``{"ecg",
 =========================================== ====================================================
 
 Not verified there: ``open_clip.model._build_text_tower``, ``open_clip.factory.HFTokenizer``,
-``_MODEL_CONFIG_PATHS``/``_rescan_model_configs``, ``_get_hf_config`` and the
+``_MODEL_CONFIG_PATHS``/``_rescan_model_configs``, ``_get_hf_config``, ``_find_checkpoint_in_dir``,
+``load_checkpoint`` and the
 ``open_clip_train.data`` helpers (the files read did not cover them), and the exact
 ``train_one_epoch`` signature (it changed between the commits read).
 """
@@ -184,6 +187,10 @@ MODEL_CONFIG_PATHS = Seam("open_clip.factory", "_MODEL_CONFIG_PATHS",
 RESCAN_MODEL_CONFIGS = Seam("open_clip.factory", "_rescan_model_configs",
                             "re-read the config folder after a registration changed it")
 GET_HF_CONFIG = Seam("open_clip.factory", "_get_hf_config", "read the open_clip_config.json of an hf-hub: model")
+FIND_CHECKPOINT_IN_DIR = Seam("open_clip.factory", "_find_checkpoint_in_dir",
+                              "check an exported ECG folder's config and weights file before anything is built")
+LOAD_CHECKPOINT = Seam("open_clip.factory", "load_checkpoint",
+                       "load an exported ECG folder's weights strictly (all tensors, finite)")
 
 # --- timm, wfdb, torch --------------------------------------------------------------------------
 FEATURE_TAKE_INDICES = Seam("timm.models._features", "feature_take_indices",
@@ -196,7 +203,8 @@ MKLDNN_BF16 = Seam("torch", "ops.mkldnn._is_mkldnn_bf16_supported",
 SEAMS: Tuple[Seam, ...] = (
     PARSE_ARGS, CREATE_MODEL_AND_TRANSFORMS, CREATE_LOSS, MAIN_TORCH, GET_DATASET_FN, ZERO_SHOT_EVAL,
     TRAINING_MAIN, GET_AUTOCAST, TRAIN_PARAMS_PARSE_ARGS, *PIPELINE_HELPERS, BUILD_TEXT_TOWER, HF_TOKENIZER, MODEL_CONFIG_PATHS,
-    RESCAN_MODEL_CONFIGS, GET_HF_CONFIG, FEATURE_TAKE_INDICES, BYTES_PER_SAMPLE_SEAM, MKLDNN_BF16,
+    RESCAN_MODEL_CONFIGS, GET_HF_CONFIG, FIND_CHECKPOINT_IN_DIR, LOAD_CHECKPOINT, FEATURE_TAKE_INDICES,
+    BYTES_PER_SAMPLE_SEAM, MKLDNN_BF16,
 )
 
 # Upstream values other modules import from here (resolved on first access: importing this module

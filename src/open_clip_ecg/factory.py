@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional, Tuple
 
+from .exported_folder import exported_preprocess
 from .model_preprocess import ECGPreprocess, read_checkpoint_preprocess
 
 
@@ -34,14 +35,14 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     import open_clip
     from open_clip.factory import parse_model_name
 
-    from .export import exported_preprocess
     from .registry import list_ecg_models
 
     if parse_model_name(name)[0] is not None:  # an exported folder: weights and preprocessing inside
         if pretrained is not None:
             raise ValueError(f"{name} holds its weights: give no --pretrained checkpoint with it")
+        ecg_preprocess = exported_preprocess(name)  # checked before anything is built from the folder
         model = open_clip.create_model(name, device=device).eval()
-        model.ecg_preprocess = exported_preprocess(name)
+        model.ecg_preprocess = ecg_preprocess
         return model, open_clip.get_tokenizer(name)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")

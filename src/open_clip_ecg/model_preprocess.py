@@ -13,9 +13,16 @@ everything that embeds shards (evaluate, embed, probe, the Python API) applies i
 normalisation by default, and a shard folder at another sampling rate is refused with what to do.
 Checkpoints written before this existed have none: the shards' own rate, the whole stored record
 and ``center`` normalisation are used, as before.
+
+A config comes from a file someone else may have written, so :func:`check_preprocess_cfg` checks
+every field before anything is allocated from it: rates in ``SAMPLING_RATE_RANGE`` (as for input
+signals), crops of at least one sample and at most ``MAX_CROP_SECONDS``, known lead names and
+normalisations. A 10 MHz rate or a 10^9 s crop would otherwise ask for gigabytes per ECG.
 """
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -23,10 +30,13 @@ import torch
 
 from .data.preprocess import resample, sampling_rate_problem
 from .data.rhythm import split_channels
-from .data.transforms import build_ecg_transform
-from .leads import LEAD_SETS, lead_indices
+from .data.transforms import NORMALIZE_MODES, build_ecg_transform
+from .leads import LEAD_SETS, RR_CHANNELS, STANDARD_LEADS, canonical_lead_name, lead_indices
 
 ECG_PREPROCESS_KEY = "ecg_preprocess"
+# Longest crop a model config may declare: 10 minutes (at 10 kHz, 12 leads: 288 MB of float32),
+# far beyond any resting or rhythm-strip ECG model.
+MAX_CROP_SECONDS = 600.0
 
 
 def training_preprocess_cfg(model_name: str, ecg_options, shard_info: Dict) -> Dict:
@@ -45,10 +55,53 @@ def training_preprocess_cfg(model_name: str, ecg_options, shard_info: Dict) -> D
 
 
 def read_checkpoint_preprocess(path: str) -> Optional[Dict]:
-    """The ECG preprocessing a checkpoint records, or None (older checkpoints, bare state dicts)."""
+    """The ECG preprocessing a checkpoint records (checked), or None (older checkpoints, bare state dicts)."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     cfg = checkpoint.get(ECG_PREPROCESS_KEY) if isinstance(checkpoint, dict) else None
-    return cfg if isinstance(cfg, dict) else None
+    if cfg is None:
+        return None
+    return check_preprocess_cfg(cfg, f"checkpoint {path}: {ECG_PREPROCESS_KEY}")
+
+
+def _number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_preprocess_cfg(cfg, where: str) -> Dict:
+    """`cfg` if it is a usable ECG preprocessing config, else a ValueError naming `where` (the file
+    and key it came from) and the field at fault. Runs before anything is sized from the config."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} must be an object with sampling_rate, seconds, eval_seconds, leads and "
+                         f"normalize, got {type(cfg).__name__}")
+    missing = [k for k in ("sampling_rate", "seconds", "eval_seconds", "leads", "normalize") if k not in cfg]
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    rate = cfg["sampling_rate"]
+    if not _number(rate) or sampling_rate_problem(rate):
+        raise ValueError(f"{where}.sampling_rate: "
+                         f"{sampling_rate_problem(rate) if _number(rate) else f'{rate!r} is not a number of Hz'}")
+    for key in ("seconds", "eval_seconds"):
+        seconds = cfg[key]
+        if not _number(seconds) or not 0 < seconds <= MAX_CROP_SECONDS or round(rate * seconds) < 1:
+            shown = f"{seconds:g}" if _number(seconds) else repr(seconds)
+            raise ValueError(f"{where}.{key}: {shown} is not a crop length (a number of seconds, at least one "
+                             f"sample and at most {MAX_CROP_SECONDS:g} s)")
+    leads = cfg["leads"]
+    if (not isinstance(leads, list) or not leads or not all(isinstance(n, str) for n in leads)
+            or any(n not in RR_CHANNELS and canonical_lead_name(n) not in STANDARD_LEADS for n in leads)):
+        raise ValueError(f"{where}.leads: {leads!r} is not a list of lead names ({', '.join(STANDARD_LEADS)}, "
+                         f"then optionally {', '.join(RR_CHANNELS)})")
+    try:
+        split_channels(leads)
+    except ValueError as e:
+        raise ValueError(f"{where}.leads: {e}") from e
+    if cfg["normalize"] not in NORMALIZE_MODES:
+        raise ValueError(f"{where}.normalize: {cfg['normalize']!r} is not one of {NORMALIZE_MODES}")
+    vocabulary = cfg.get("vocabulary", [])
+    if not isinstance(vocabulary, list) or not all(isinstance(v, dict) and isinstance(v.get("name"), str)
+                                                   for v in vocabulary):
+        raise ValueError(f"{where}.vocabulary must be a list of {{'id', 'code', 'name'}} objects")
+    return cfg
 
 
 def check_shards_fit(cfg: Optional[Dict], shard_info: Dict) -> None:
@@ -70,7 +123,7 @@ class ECGPreprocess:
     with the RR channels appended when the model takes them."""
 
     def __init__(self, cfg: Dict, train: bool = False):
-        self.cfg = cfg
+        self.cfg = check_preprocess_cfg(cfg, "preprocess_cfg")
         seconds = cfg["seconds"] if train else cfg["eval_seconds"]
         self.n_samples = int(round(float(cfg["sampling_rate"]) * float(seconds)))
         self.leads, with_rr = split_channels(cfg["leads"])

@@ -49,7 +49,7 @@ from . import compat
 from .atomic import write_text_atomic
 from .decoder_lm import POOLINGS, DecoderLMTokenizer, is_decoder_lm_folder
 from .text_cache import TextEmbeddingCache
-from .text_towers import CACHED_MODE, DECODER_MODE
+from .text_towers import CACHED_MODE, DECODER_MODE, trust_text_cache
 
 __all__ = [
     "PACKAGE_PLACEHOLDER",
@@ -194,6 +194,7 @@ def _llm_text_cfg(folder: Optional[Path], pooler_type: Optional[str], proj_type:
     if pooler_type not in (None, model["pooling"]):
         raise ValueError(f"text cache {cache.folder} holds {model['pooling']!r}-pooled embeddings, "
                          f"not {pooler_type!r}")
+    trust_text_cache(cache.folder)  # the user named it: its model's tower and tokenizer may use it
     return {"hf_tokenizer_name": model["folder"], "hf_proj_type": proj_type,
             "context_length": model["context_length"], "tokenizer_mode": CACHED_MODE,
             "tokenizer_kwargs": {"text_cache": str(cache.folder), "pooling": model["pooling"]},

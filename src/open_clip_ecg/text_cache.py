@@ -14,8 +14,14 @@ Layout of a cache folder:
   and ``keys`` [n, 32] uint8, ``sha256(identity + NUL + text)``.
 
 Parts are written atomically before the index names them, so a crash loses at most the part in
-flight and a re-run embeds only the missing texts. Appends take a file lock (``CACHE/lock``), so
-processes sharing a cache (prompts embedded at evaluation) never lose each other's rows.
+flight and a re-run embeds only the missing texts (and removes the temporaries a killed writer
+left). Appends take a file lock (``CACHE/lock``), so processes sharing a cache (prompts embedded at
+evaluation) never lose each other's rows.
+
+A cache may come from someone else (inside an exported model folder), so everything read is
+checked before use, each failure one ValueError naming the file: the index's fields and types, part
+names (plain ``part-NNNNN.safetensors`` names: nothing outside the folder is ever read), each
+part's safetensors header, tensor shapes and dtypes, and that every row is finite.
 """
 from __future__ import annotations
 
@@ -23,21 +29,28 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_atomic, write_json_atomic
-from .decoder_lm import DecoderLM, DecoderLMTokenizer, model_identity
+from .atomic import remove_stale_temps, write_atomic, write_json_atomic
+from .decoder_lm import POOLINGS, DecoderLM, DecoderLMTokenizer, model_identity
 
-__all__ = ["CACHE_FORMAT", "TextEmbeddingCache", "build_text_cache", "add_arguments", "run"]
+__all__ = ["CACHE_FORMAT", "TextEmbeddingCache", "build_text_cache", "read_safetensors", "add_arguments", "run"]
 
 CACHE_FORMAT = "open_clip_ecg.text_cache/1"
 _INDEX = "index.json"
 _LOCK = "lock"
+_PART_NAME = re.compile(r"^part-\d{5}\.safetensors$")
+_DTYPES = ("float32", "bfloat16", "float16")
+# index.json's "model" entry: field -> (type, what a valid value is)
+_MODEL_FIELDS = {"folder": str, "identity": str, "pooling": str, "context_length": int, "hidden_size": int,
+                 "dtype": str}
 _open_caches: Dict[Path, "TextEmbeddingCache"] = {}
 
 
@@ -65,7 +78,7 @@ class TextEmbeddingCache:
         folder = Path(folder).expanduser().resolve()
         cache = _open_caches.get(folder)
         if cache is None:
-            index = cls._read_index(folder)
+            index = cls.read_index(folder)
             cache = cls(folder, index["model"])
             _open_caches[folder] = cache
         cache.refresh()
@@ -83,13 +96,19 @@ class TextEmbeddingCache:
             if cache.identity != model["identity"]:
                 raise ValueError(f"{folder} caches another text model ({cache.model['folder']}, pooling "
                                  f"{cache.model['pooling']}); use a new --out folder for {model['folder']}")
+            with cache._locked():
+                remove_stale_temps(folder)  # parts a killed writer left behind
             return cache
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / _INDEX, {"format": CACHE_FORMAT, "model": model, "parts": []}, indent=2)
-        return cls.open(folder)
+        cache = cls.open(folder)
+        with cache._locked():
+            remove_stale_temps(folder)  # parts a killed writer left behind
+        return cache
 
     @staticmethod
-    def _read_index(folder: Path) -> Dict:
+    def read_index(folder: Path) -> Dict:
+        """The checked index of the cache in `folder` (ValueError naming the file and field)."""
         path = folder / _INDEX
         if not path.is_file():
             raise ValueError(f"{folder} is not a text cache ({_INDEX} missing): build it with "
@@ -98,8 +117,29 @@ class TextEmbeddingCache:
             index = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise ValueError(f"{path} is not valid JSON: {e}") from e
+        if not isinstance(index, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(index).__name__}")
         if index.get("format") != CACHE_FORMAT:
             raise ValueError(f"{path}: format {index.get('format')!r}, expected {CACHE_FORMAT!r}")
+        model = index.get("model")
+        if not isinstance(model, dict):
+            raise ValueError(f"{path}: 'model' must be an object describing the LLM, got {model!r}")
+        for field, kind in _MODEL_FIELDS.items():
+            value = model.get(field)
+            if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+                raise ValueError(f"{path}: model.{field} must be a {'positive integer' if kind is int else 'string'}, "
+                                 f"got {value!r}")
+        if model["dtype"] not in _DTYPES:
+            raise ValueError(f"{path}: model.dtype {model['dtype']!r} is not one of {_DTYPES}")
+        if model["pooling"] not in POOLINGS:
+            raise ValueError(f"{path}: model.pooling {model['pooling']!r} is not one of {POOLINGS}")
+        parts = index.get("parts")
+        if not isinstance(parts, list):
+            raise ValueError(f"{path}: 'parts' must be a list of part file names, got {parts!r}")
+        for name in parts:
+            if not isinstance(name, str) or not _PART_NAME.match(name):
+                raise ValueError(f"{path}: part {name!r} is not a part-NNNNN.safetensors file name inside the cache "
+                                 "folder; a cache never names files elsewhere")
         return index
 
     # ---------------------------------------------------------------- keys and rows
@@ -119,7 +159,7 @@ class TextEmbeddingCache:
 
     def refresh(self) -> None:
         """Load parts another process (or an earlier run) added since this instance last looked."""
-        parts = self._read_index(self.folder)["parts"]
+        parts = self.read_index(self.folder)["parts"]
         if parts[:len(self.parts)] != self.parts:
             raise ValueError(f"{self.folder / _INDEX} was rewritten under this process; reopen the cache")
         self._load_parts(parts[len(self.parts):])
@@ -129,15 +169,21 @@ class TextEmbeddingCache:
         start = len(self.checks)
         for name in names:
             path = self.folder / name
-            try:
-                tensors = load_file(str(path))
-                part, keys = tensors["embeddings"], tensors["keys"]
-            except (OSError, KeyError, RuntimeError) as e:
-                raise ValueError(f"{path}: unreadable cache part ({e}); remove it from {_INDEX} and re-run "
-                                 "text-cache") from e
-            if part.shape != (len(keys), self.model["hidden_size"]) or keys.shape[1:] != (32,):
-                raise ValueError(f"{path}: embeddings {tuple(part.shape)} / keys {tuple(keys.shape)} do not "
-                                 f"match hidden size {self.model['hidden_size']}")
+            if path.is_symlink() or not path.is_file():
+                raise ValueError(f"{path}: cache part missing (or a link); remove it from {_INDEX} and re-run "
+                                 "text-cache")
+            tensors = read_safetensors(path, "cache part")
+            part, keys = tensors.get("embeddings"), tensors.get("keys")
+            if part is None or keys is None:
+                raise ValueError(f"{path}: a cache part holds 'embeddings' and 'keys', this one {sorted(tensors)}")
+            if (part.ndim != 2 or keys.ndim != 2 or part.shape != (len(keys), self.model["hidden_size"])
+                    or keys.shape[1:] != (32,) or keys.dtype != torch.uint8 or not part.is_floating_point()):
+                raise ValueError(f"{path}: embeddings {tuple(part.shape)} {part.dtype} / keys {tuple(keys.shape)} "
+                                 f"{keys.dtype} do not match hidden size {self.model['hidden_size']} (uint8 keys)")
+            finite = torch.isfinite(part).all(dim=1)
+            if not bool(finite.all()):
+                raise ValueError(f"{path}: {int((~finite).sum())} of {len(part)} rows hold NaN or inf values (first: row "
+                                 f"{int((~finite).nonzero()[0])}); rebuild the cache with text-cache")
             key_bytes = [bytes(k) for k in keys.tolist()]
             self._rows.update((k, start + i) for i, k in enumerate(key_bytes))
             start += len(key_bytes)
@@ -168,7 +214,7 @@ class TextEmbeddingCache:
             tensors = {"embeddings": embeddings[new].detach().to("cpu", self.dtype).contiguous(),
                        "keys": torch.tensor([list(keys[i]) for i in new], dtype=torch.uint8)}
             write_atomic(self.folder / name, lambda tmp: save_file(tensors, tmp))
-            index = self._read_index(self.folder)
+            index = self.read_index(self.folder)
             index["parts"].append(name)
             write_json_atomic(self.folder / _INDEX, index, indent=2)
             self._load_parts([name])
@@ -184,6 +230,15 @@ class TextEmbeddingCache:
             raise ValueError(f"text cache {self.folder}: rows do not hold the texts the tokenizer saw; "
                              "the cache was rebuilt since these tokens were made")
         return self.embeddings[rows_cpu]
+
+
+def read_safetensors(path: Path, what: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; one ValueError naming `path` (a `what`) when it is not one
+    (truncated, random bytes, a pickle under that name: safetensors only parses, never unpickles)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable {what}, not a safetensors file ({str(e).splitlines()[0]})") from e
 
 
 # -------------------------------------------------------------------------------------------------
@@ -294,6 +349,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     embedder = LMEmbedder(args.text_model, args.pooling, args.context_length, args.device, args.batch_size)
+    if (Path(args.out) / _INDEX).is_file():
+        TextEmbeddingCache.open(args.out)  # a broken cache fails now, not after reading every shard
     texts, prompts = _shard_texts(args.shards)
     counts = build_text_cache(texts + ([] if args.no_prompts else prompts), embedder, args.out,
                               progress=not args.no_progress)

@@ -24,6 +24,16 @@ seam                                 taken when
   :class:`~open_clip_ecg.text_cache.TextEmbeddingCache` made by :class:`CachedTextTokenizer`, so
   the label packing and its fingerprint work unchanged, and a step never touches the LLM. Only
   the projection head is a parameter; a checkpoint holds no LLM weights.
+
+Where a cached tower's text cache may be (a config could name any path, and the tokenizer writes
+to its cache):
+
+* a cache registered in this process by :func:`open_clip_ecg.register_ecg_text_model` (the user
+  named it): read, and texts it lacks are embedded with the LLM folder and appended;
+* the cache inside an exported folder (``local-dir:DIR``; its config names it relative to DIR, see
+  :mod:`open_clip_ecg.exported_folder`): only read. It holds the model's vocabulary prompts; a new
+  prompt is a ValueError saying that it needs the LLM folder;
+* anything else is refused: loading a model never reads or writes a folder the user did not name.
 """
 from __future__ import annotations
 
@@ -36,13 +46,45 @@ from torch import nn
 
 from . import compat
 from .decoder_lm import DecoderLM, DecoderLMTokenizer
+from .exported_folder import CONFIG_FILE, path_inside, take_loading_folder
 from .text_cache import LMEmbedder, TextEmbeddingCache
 
-__all__ = ["CachedTextTokenizer", "CachedTextTower", "DecoderLMTextTower", "install_text_tower_seams"]
+__all__ = ["CachedTextTokenizer", "CachedTextTower", "DecoderLMTextTower", "TextsNotCachedError",
+           "install_text_tower_seams", "trust_text_cache"]
 
 DECODER_MODE, CACHED_MODE = "ecg-decoder-lm", "ecg-text-cache"
 _upstream_build_text_tower = compat.BUILD_TEXT_TOWER.get()
 _upstream_hf_tokenizer = compat.HF_TOKENIZER.get()
+_user_caches = set()  # text cache folders the user registered in this process (register_ecg_text_model)
+
+
+def trust_text_cache(folder: Union[str, Path]) -> None:
+    """Let model configs of this process name the cache in `folder` (the user named it)."""
+    _user_caches.add(Path(folder).expanduser().resolve())
+
+
+def _user_cache(value, field: str) -> Path:
+    """The registered cache a config names by absolute path; ValueError for any other path."""
+    path = Path(value).expanduser().resolve() if isinstance(value, str) and value else None
+    if path is None or path not in _user_caches:
+        raise ValueError(f"{field} {value!r} is neither inside the model's exported folder (load it with "
+                         "local-dir:) nor a text cache registered in this process with "
+                         "open_clip_ecg.register_ecg_text_model(..., text_cache=...); it is not opened")
+    return path
+
+
+class TextsNotCachedError(ValueError):
+    """Texts a read-only cache lacks, or that a DataLoader worker may not embed.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process as
+    ``TextsNotCachedError(<the worker's whole traceback>)``: the constructor keeps only the original
+    message, so the main process reports one line."""
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith(f"Caught {type(self).__name__}") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip() + " (raised in a DataLoader worker)"
+        super().__init__(message)
 
 
 def _project(proj: nn.Module, features: torch.Tensor) -> torch.Tensor:
@@ -108,10 +150,10 @@ class CachedTextTower(nn.Module):
     (and the tokenizer needs the LLM folder for texts the cache lacks).
     """
 
-    def __init__(self, text_cache: str, hidden_size: int, embed_dim: int, proj_type: str = "mlp",
+    def __init__(self, text_cache: Union[str, Path], hidden_size: int, embed_dim: int, proj_type: str = "mlp",
                  context_length: int = 128):
         super().__init__()
-        self.text_cache = text_cache
+        self.text_cache = str(text_cache)
         self._cache: Optional[TextEmbeddingCache] = None  # opened on first forward
         self.proj = _projection(proj_type, hidden_size, embed_dim)
         self.context_length = context_length
@@ -139,20 +181,27 @@ class CachedTextTower(nn.Module):
 class CachedTextTokenizer:
     """Texts -> ``[B, 2]`` ``(row, check)`` into the text cache; texts it lacks are embedded and added.
 
-    Adding needs the LLM folder; in DataLoader workers it is refused (workers must not race to
-    load an LLM): training texts belong in the cache before training, via ``text-cache``.
+    `folder` is the LLM folder (a registered model) or the exported model folder (``local-dir:``,
+    whose cache is only read). Adding needs the LLM folder; in DataLoader workers it is refused
+    (workers must not race to load an LLM): training texts belong in the cache before training, via
+    ``text-cache``.
     """
 
     def __init__(self, folder: str, context_length: int = 128, text_cache: str = "", pooling: str = "last",
                  **_ignored):
-        self.folder, self.text_cache = Path(folder), text_cache
+        self.folder = Path(folder)
         self.context_length, self.pooling = context_length, pooling
+        self.read_only = (self.folder / CONFIG_FILE).is_file() and not Path(text_cache).is_absolute()
+        if self.read_only:  # an exported folder: its config names its own cache
+            self.text_cache = path_inside(self.folder, text_cache, "model_cfg.text_cfg.tokenizer_kwargs.text_cache")
+        else:
+            self.text_cache = _user_cache(text_cache, "the tokenizer's text_cache")
         self._embedder: Optional[LMEmbedder] = None
         self._opened: Optional[TextEmbeddingCache] = None
 
     def _cache(self) -> TextEmbeddingCache:
         if self._opened is None:
-            if Path(self.text_cache, "index.json").is_file():
+            if self.read_only or Path(self.text_cache, "index.json").is_file():
                 self._opened = TextEmbeddingCache.open(self.text_cache)
             else:
                 self._opened = TextEmbeddingCache.create(self.text_cache,
@@ -174,10 +223,19 @@ class CachedTextTokenizer:
         missing = list(dict.fromkeys(t for t, k in zip(texts, keys) if cache.row(k) is None))
         if not missing:
             return
+        if self.read_only:
+            model = cache.model
+            raise TextsNotCachedError(
+                f"{len(missing)} text(s) are not in the text cache {cache.folder} of the exported model "
+                f"{self.folder}, e.g. {missing[0]!r}: it holds the prompts of the model's own findings; new "
+                f"prompts need the LLM folder the model was trained with ({model['folder']} on the machine that "
+                f"exported it): add them with open_clip_ecg.text_cache.build_text_cache(texts, LMEmbedder("
+                f"LLM_FOLDER, {model['pooling']!r}, {model['context_length']}), {str(cache.folder)!r})")
         if torch.utils.data.get_worker_info() is not None:
-            raise ValueError(f"{len(missing)} text(s) are not in the text cache {cache.folder}, e.g. "
-                             f"{missing[0]!r}: run `open-clip-ecg text-cache --text-model {self.folder} "
-                             f"--shards <train and val shards> --out {cache.folder}` first")
+            raise TextsNotCachedError(
+                f"{len(missing)} text(s) are not in the text cache {cache.folder}, e.g. {missing[0]!r}: run "
+                f"`open-clip-ecg text-cache --text-model {self.folder} --shards <train and val shards> "
+                f"--out {cache.folder}` first")
         embedder = self._lm(cache.model["pooling"], cache.model["context_length"])
         if embedder.cache_model()["identity"] != cache.identity:
             raise ValueError(f"the text cache {cache.folder} was built with another model than {self.folder}; "
@@ -192,8 +250,9 @@ class CachedTextTokenizer:
         return torch.tensor([[cache.row(k), cache.check_value(k)] for k in keys], dtype=torch.long)
 
 
-def build_ecg_text_tower(embed_dim: int, text_cfg: Dict) -> nn.Module:
-    """The tower ``text_cfg['ecg_text_tower']`` asks for."""
+def build_ecg_text_tower(embed_dim: int, text_cfg: Dict, exported: Optional[Path] = None) -> nn.Module:
+    """The tower ``text_cfg['ecg_text_tower']`` asks for; `exported` is the folder a config loaded
+    with ``local-dir:`` came from (its text cache is inside it)."""
     spec = text_cfg["ecg_text_tower"]
     common = dict(embed_dim=embed_dim, proj_type=text_cfg.get("hf_proj_type", "mlp"),
                   context_length=text_cfg.get("context_length", 128))
@@ -202,13 +261,33 @@ def build_ecg_text_tower(embed_dim: int, text_cfg: Dict) -> nn.Module:
                                   pretrained=text_cfg.get("hf_model_pretrained", True),
                                   dtype=spec.get("dtype", "auto"), **common)
     if spec["type"] == "cached":
-        return CachedTextTower(spec["text_cache"], spec["hidden_size"], **common)
+        field = "text_cfg.ecg_text_tower.text_cache"
+        cache = (_user_cache(spec.get("text_cache"), field) if exported is None
+                 else path_inside(exported, spec.get("text_cache"), field))
+        return CachedTextTower(cache, spec["hidden_size"], **common)
     raise ValueError(f"text_cfg.ecg_text_tower.type must be 'decoder_lm' or 'cached', got {spec['type']!r}")
 
 
+def _inside_exported(text_cfg: Dict, folder: Path) -> Dict:
+    """`text_cfg` of an exported folder with its HF model paths made absolute inside the folder. A
+    Hub id (``--hf-repo``) becomes the folder too when the text model's files are in it, as
+    open_clip's ``get_tokenizer`` does for ``local-dir:``: the folder then loads offline."""
+    text_cfg = dict(text_cfg)
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = text_cfg.get(key)
+        if isinstance(value, str) and (folder / value).exists():
+            text_cfg[key] = str(path_inside(folder, value, f"model_cfg.text_cfg.{key}"))
+        elif isinstance(value, str) and (folder / "config.json").is_file():
+            text_cfg[key] = str(folder)
+    return text_cfg
+
+
 def _build_text_tower(embed_dim, text_cfg, quick_gelu=False, cast_dtype=None):
+    exported = take_loading_folder(text_cfg) if isinstance(text_cfg, dict) else None
+    if exported is not None:
+        text_cfg = _inside_exported(text_cfg, exported)
     if isinstance(text_cfg, dict) and "ecg_text_tower" in text_cfg:
-        return build_ecg_text_tower(embed_dim, text_cfg)
+        return build_ecg_text_tower(embed_dim, text_cfg, exported)
     return _upstream_build_text_tower(embed_dim, text_cfg, quick_gelu, cast_dtype)
 
 
