@@ -21,6 +21,7 @@ from open_clip_ecg.exported_folder import CONFIG_FILE, WEIGHTS_FILE
 from open_clip_ecg.leads import STANDARD_LEADS
 from open_clip_ecg.text_cache import LMEmbedder, TextEmbeddingCache, build_text_cache
 from open_clip_ecg.zeroshot import build_zeroshot_classifier
+from test_llm_text import _Texts
 
 BASE = "ECG-RN18-CLIPText"
 SRC = Path(open_clip_ecg.__file__).parent
@@ -338,17 +339,6 @@ def test_a_strict_load_gives_the_exported_logit_bias(exported):
 # ---------------------------------------------------------------------------------------------
 # 16. Texts missing from the cache, found in a DataLoader worker: one line in the main process
 # ---------------------------------------------------------------------------------------------
-
-class _Texts(torch.utils.data.Dataset):
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __len__(self):
-        return 1
-
-    def __getitem__(self, index):
-        return self.tokenizer(["a report the cache has never seen"])[0]
-
 
 def test_a_worker_missing_cached_texts_raises_one_line_in_the_main_process(tiny_qwen3, tmp_path):
     build_text_cache(["sinus rhythm."], LMEmbedder(tiny_qwen3), tmp_path / "c", progress=False)
