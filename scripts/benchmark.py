@@ -22,7 +22,7 @@ import torch
 from open_clip_ecg.atomic import write_json_atomic, write_text_atomic
 
 BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
-AREAS = ("towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache", "rr_channels")
+AREAS = ("towers", "loss", "shards", "training", "zeroshot", "hardening", "text_cache", "rr_channels", "classify")
 
 
 def load_benchmark(area: str):

@@ -53,6 +53,9 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     printed = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(" ") and ": " in line]
     assert printed and all((tmp_path / p).exists() or __import__("os").path.exists(p) for p in printed)
 
+    # the model is handed over: classify on the exported folder reproduces the test-split probabilities
+    assert_classify_reproduces_the_quickstart(out, metrics, result.stdout, tmp_path)
+
     # --choose last on the finished run: nothing retrained, the last epoch with the default rules
     result = subprocess.run(cmd + ["--choose", "last"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,6 +63,40 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     choice = json.loads((report / "metrics.json").read_text())["choice"]
     assert (choice["chosen_on"], choice["epoch"], choice["rules"]) == (None, 2, asdict(ScoringRules()))
     assert not (report / "choice_on_val.csv").exists()
+
+
+def assert_classify_reproduces_the_quickstart(out, metrics, stdout, tmp_path):
+    """`classify`, run as printed on the exported OUT/model, gives the report's test probabilities and
+    decides with its validation thresholds."""
+    import numpy as np
+
+    from open_clip_ecg.data.shard_format import sample_key
+    from open_clip_ecg.evaluate import evaluate_zeroshot
+    from open_clip_ecg.factory import load_model
+
+    decisions = json.loads((out / "model" / "classify.json").read_text())
+    assert decisions["epoch"] == metrics["choice"]["epoch"]  # one task: its chosen epoch is exported
+    assert decisions["tasks"]["labels"]["rules"] == metrics["choice"]["rules"]
+    command = next(line.strip() for line in stdout.splitlines() if line.strip().startswith("open-clip-ecg classify"))
+    args = command.split()[2:]
+    assert args[:2] == ["--model", f"local-dir:{out / 'model'}"]
+    result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "classify", *args], capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((out / "findings" / "predictions.json").read_text())
+    report_thresholds = {row["code"]: row["threshold"] for row in
+                         csv.DictReader(open(out / "report" / "per_label.csv"))}
+    assert saved["thresholds"]["source"] == "validation max-F1"
+    assert {f["code"]: f["threshold"] for f in saved["findings"]} == pytest.approx(
+        {code: float(t) for code, t in report_thresholds.items()})
+    classified = {sample_key(r["record"]): r["probabilities"] for r in saved["records"]}
+    trained, tokenizer = load_model(metrics["model"], metrics["pretrained"])
+    evaluated = evaluate_zeroshot(trained, tokenizer, str(out / "shards"), "labels", split="test", n_bootstrap=0,
+                                  rules=ScoringRules(**metrics["choice"]["rules"]))
+    codes = evaluated.task.codes
+    assert len(evaluated.scores.keys) > 10
+    for key, scores in zip(evaluated.scores.keys, evaluated.scores.y_score):  # shards hold float16 signals
+        np.testing.assert_allclose([classified[key][c] for c in codes], scores, atol=2e-3)
 
 
 def test_quickstart_rejects_a_bad_data_spec(tmp_path):

@@ -34,6 +34,7 @@ SUBCOMMANDS = {
     "text-cache": Command("open_clip_ecg.text_cache", "embed each distinct report once with a local LLM"),
     "train": Command("open_clip_ecg.train", "train with open_clip's loop (its flags + --ecg-*)"),
     "evaluate": Command("open_clip_ecg.evaluate", "zero-shot multi-label evaluation with a per-label report"),
+    "classify": Command("open_clip_ecg.classify", "zero-shot findings for your ECG files (WFDB, .npy, CSV index)"),
     "embed": Command("open_clip_ecg.embed", "write the ECG embeddings of shards to .npy"),
     "train-supervised": Command("open_clip_ecg.baselines", "supervised BCE baseline on the same ECG tower"),
     "probe": Command("open_clip_ecg.probe", "linear probe on frozen ECG embeddings"),

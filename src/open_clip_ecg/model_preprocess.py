@@ -119,7 +119,8 @@ class ECGPreprocess:
     """Raw signal ``[leads, T]`` (numpy or tensor, mV), its rate and lead names -> model input
     ``[model leads, round(rate * seconds)]`` float32: leads picked and reordered by name, resampled
     (scipy's polyphase filter) to the model's rate, normalised and cropped (random crop of
-    ``seconds`` for training, centre crop of ``eval_seconds`` otherwise; shorter ones zero-padded),
+    ``seconds`` for training, centre crop of ``eval_seconds`` otherwise; shorter ones zero-padded after
+    normalisation),
     with the RR channels appended when the model takes them."""
 
     def __init__(self, cfg: Dict, train: bool = False):
@@ -141,6 +142,5 @@ class ECGPreprocess:
         if not np.isfinite(signal).all():
             raise ValueError("the signal holds NaN or inf values")
         signal = resample(signal, float(sampling_rate), float(self.cfg["sampling_rate"]))
-        if signal.shape[-1] < self.n_samples:
-            signal = np.pad(signal, [(0, 0), (0, self.n_samples - signal.shape[-1])])
+        # a short record is padded by the crop, after normalisation: zeros then sit at the baseline
         return torch.as_tensor(self.transform(torch.from_numpy(np.ascontiguousarray(signal))), dtype=torch.float32)

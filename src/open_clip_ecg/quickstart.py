@@ -9,6 +9,16 @@ epochs) and the zero-shot scoring rules with the best val macro AUROC
 (:func:`open_clip_ecg.evaluate.choose_on_validation`; ``--choose last``: the last checkpoint with
 the source's default rules), then per-label thresholds. Each stage is the same code the individual
 subcommands run.
+
+At the end the model is handed over: one checkpoint is exported to ``OUT/model`` (``local-dir:``
+layout, :mod:`open_clip_ecg.export`) with ``classify.json`` beside it (per task, the scoring rules
+and the validation thresholds of that checkpoint; :mod:`open_clip_ecg.classify`), and the
+``classify`` command to run next is printed. Tasks may choose different epochs; one model must
+answer all of them, so the exported epoch is the one with the best mean val macro AUROC over the
+tasks, each task under its best rules for that epoch (:func:`exported_checkpoint`; ties: the later
+epoch). It is chosen on val like everything else; a task that chose another epoch is answered by the
+exported one with its own best rules and thresholds for it, so ``classify`` reproduces the test
+probabilities of every task whose chosen epoch is the exported one (always, with one task).
 """
 from __future__ import annotations
 
@@ -106,6 +116,58 @@ def _choice_line(task: str, choice, epoch: int) -> str:
     auroc = "n/a" if choice.val_macro_auroc is None else f"{choice.val_macro_auroc:.3f}"
     note = f"; {choice.note}" if choice.note else ""
     return f"      {task}: epoch {epoch}, {rules} (val macro AUROC {auroc}{note})"
+
+
+def exported_checkpoint(candidates: List[Dict], last: str) -> str:
+    """The checkpoint with the best mean val macro AUROC over the tasks, each task under its best
+    rules for that checkpoint (ties: the later checkpoint); `last` when no AUROC is defined."""
+    best: Dict[Tuple[str, str], float] = {}
+    for row in candidates:
+        if row["val_macro_auroc"] is not None:
+            key = (row["checkpoint"], row["task"])
+            best[key] = max(best.get(key, row["val_macro_auroc"]), row["val_macro_auroc"])
+    means: Dict[str, List[float]] = {}
+    for (checkpoint, _), auroc in best.items():
+        means.setdefault(checkpoint, []).append(auroc)
+    chosen, score = last, None
+    for checkpoint, values in means.items():  # candidate order: training order
+        mean = sum(values) / len(values)
+        if score is None or mean >= score:
+            chosen, score = checkpoint, mean
+    return chosen
+
+
+def rules_for_checkpoint(candidates: List[Dict], checkpoint: str, task: str, fallback: ScoringRules) -> ScoringRules:
+    """The task's best scoring rules at `checkpoint` on val (the first of equals), else `fallback`."""
+    rows = [r for r in candidates if r["checkpoint"] == checkpoint and r["task"] == task
+            and r["val_macro_auroc"] is not None]
+    if not rows:
+        return fallback
+    best = max(rows, key=lambda row: row["val_macro_auroc"])
+    return ScoringRules(best["names"], best["aggregate"], best["scoring"])
+
+
+def export_for_classify(model: str, checkpoint: str, epoch: int, tasks: Dict[str, ScoringRules], shard_dir: str,
+                        out_dir: str, why: str) -> str:
+    """Export `checkpoint` to `out_dir` with ``classify.json``: per task its rules and the max-F1
+    thresholds of this checkpoint on the val split (as evaluate chooses them)."""
+    from .classify import decisions_on_validation, write_decisions
+    from .export import export_model
+    from .factory import load_model
+
+    export_model(model, checkpoint, out_dir)
+    trained, tokenizer = load_model(model, checkpoint)
+    decisions = decisions_on_validation(trained, tokenizer, shard_dir, "val", tasks)
+    write_decisions(out_dir, decisions, {"model": model, "checkpoint": os.path.basename(checkpoint), "epoch": epoch,
+                                         "why": why})
+    return out_dir
+
+
+def classify_inputs(fmt: str, path: str, sampling_rate: float) -> str:
+    """What the printed classify command reads: the collection's records as classify takes them."""
+    if fmt == "ptbxl":
+        return os.path.join(path, "records100" if sampling_rate <= 100 else "records500")
+    return path
 
 
 def parse_data_spec(spec: Optional[str]):
@@ -243,17 +305,33 @@ def run_quickstart(out: str, data: Optional[str] = None, n_records: int = 2000, 
         task_paths = write_report(result, report_dir)
         paths = paths or task_paths  # the first task's report is the one listed below
         results.append(result)
+    if choose == "per-task":
+        exported = exported_checkpoint(candidates, checkpoints[epochs])
+        why = ("the epoch with the best mean val macro AUROC over the tasks" if len(defaults.tasks) > 1
+               else f"the epoch chosen on val for {defaults.tasks[0]}")
+        task_rules = {task: choices[task].rules if choices[task].checkpoint == exported
+                      else rules_for_checkpoint(candidates, exported, task, defaults.rules) for task in defaults.tasks}
+    else:
+        exported, why = checkpoints[epochs], "--choose last: the last epoch"
+        task_rules = {task: defaults.rules for task in defaults.tasks}
+    task_rules.setdefault("labels", defaults.rules)  # classify's default findings: the training vocabulary
+    model_dir = export_for_classify(model, exported, epoch_of[exported], task_rules, shard_dir,
+                                    os.path.join(out, "model"), why)
+    print(f"      exported epoch {epoch_of[exported]} ({why}) with its val thresholds to {model_dir}", file=sys.stderr)
     _done(start)
     print()
     for result in results:
         print(headline_line(result))
     if len(results) > 1:
         print("\n" + results_table(results))
-    paths = {"shards": shard_dir, "checkpoint": checkpoints[epochs],
+    paths = {"shards": shard_dir, "checkpoint": checkpoints[epochs], "model": model_dir,
              "training_log": os.path.join(logs, run_name, "out.log"),
              **({"choice_on_val": choice_table} if choose == "per-task" else {}), **paths}
     for name, p in paths.items():
         print(f"{name:>14}: {p}")
+    records = classify_inputs(fmt, path, sampling_rate)
+    print(f"\nnext: zero-shot findings for ECG files (add --plot for 12-lead PNGs; see docs/classify.md):\n"
+          f"  open-clip-ecg classify --model local-dir:{model_dir} --out {os.path.join(out, 'findings')} {records}")
     return paths
 
 
