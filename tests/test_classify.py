@@ -205,5 +205,5 @@ def test_classify_real_ptbxl_records_with_a_trained_exported_model_equals_evalua
                                   split="test", n_bootstrap=0, rules=rules)
     by_key = dict(zip(evaluated.scores.keys, evaluated.scores.y_score))
     classified = {r["record"]: np.array([float(r[c]) for c in codes]) for r in rows}
-    for key in ids:  # shards store float16 signals: equal to that rounding
-        np.testing.assert_allclose(classified[key], by_key[sample_key(key)], atol=2e-3)
+    for key in ids:  # the same inputs, bit for bit; batches of other sizes may differ in the last float bits
+        np.testing.assert_allclose(classified[key], by_key[sample_key(key)], atol=1e-5)

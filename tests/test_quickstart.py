@@ -95,8 +95,8 @@ def assert_classify_reproduces_the_quickstart(out, metrics, stdout, tmp_path):
                                   rules=ScoringRules(**metrics["choice"]["rules"]))
     codes = evaluated.task.codes
     assert len(evaluated.scores.keys) > 10
-    for key, scores in zip(evaluated.scores.keys, evaluated.scores.y_score):  # shards hold float16 signals
-        np.testing.assert_allclose([classified[key][c] for c in codes], scores, atol=2e-3)
+    for key, scores in zip(evaluated.scores.keys, evaluated.scores.y_score):
+        np.testing.assert_allclose([classified[key][c] for c in codes], scores, atol=1e-5)
 
 
 def test_quickstart_rejects_a_bad_data_spec(tmp_path):

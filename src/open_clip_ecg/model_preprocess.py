@@ -118,10 +118,10 @@ def check_shards_fit(cfg: Optional[Dict], shard_info: Dict) -> None:
 class ECGPreprocess:
     """Raw signal ``[leads, T]`` (numpy or tensor, mV), its rate and lead names -> model input
     ``[model leads, round(rate * seconds)]`` float32: leads picked and reordered by name, resampled
-    (scipy's polyphase filter) to the model's rate, normalised and cropped (random crop of
-    ``seconds`` for training, centre crop of ``eval_seconds`` otherwise; shorter ones zero-padded after
-    normalisation),
-    with the RR channels appended when the model takes them."""
+    (scipy's polyphase filter) to the model's rate, rounded to float16 as shards store it, normalised
+    and cropped (random crop of ``seconds`` for training, centre crop of ``eval_seconds`` otherwise;
+    shorter ones zero-padded after normalisation), with the RR channels appended when the model
+    takes them."""
 
     def __init__(self, cfg: Dict, train: bool = False):
         self.cfg = check_preprocess_cfg(cfg, "preprocess_cfg")
@@ -142,5 +142,11 @@ class ECGPreprocess:
         if not np.isfinite(signal).all():
             raise ValueError("the signal holds NaN or inf values")
         signal = resample(signal, float(sampling_rate), float(self.cfg["sampling_rate"]))
+        # the precision shards store (float16, ~0.5 uV at 1 mV): the input the model was trained and
+        # validated on, so a raw record scores as its shard does (classify equals evaluate)
+        with np.errstate(over="ignore"):
+            signal = signal.astype(np.float16).astype(np.float32)
+        if not np.isfinite(signal).all():
+            raise ValueError(f"the signal exceeds float16's range (|x| > {np.finfo(np.float16).max:g} mV)")
         # a short record is padded by the crop, after normalisation: zeros then sit at the baseline
         return torch.as_tensor(self.transform(torch.from_numpy(np.ascontiguousarray(signal))), dtype=torch.float32)
