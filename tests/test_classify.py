@@ -194,10 +194,12 @@ def test_classify_real_ptbxl_records_with_a_trained_exported_model_equals_evalua
     for record_id in ids:
         assert (out / (record_id.replace("/", "_") + ".png")).read_bytes()[:8] == PNG
 
-    # evaluate's probabilities: the same records written as shards (a CSV index of them, split test)
+    # evaluate's probabilities: the same records written as shards (a CSV index of them, split test), with
+    # the model's vocabulary and its names (scoring rules may prompt the shards' names for the codes)
     index = tmp_path / "index.csv"
     index.write_text("id,path,report,labels,split\n" + "".join(
-        f"{i},{folder / i},an ECG,NORM,test\n" for i in ids))
+        f"{i},{folder / i},an ECG,{';'.join(codes)},test\n" for i in ids))
+    (tmp_path / "label_names.json").write_text(json.dumps({f["code"]: f["name"] for f in saved["findings"]}))
     shards = tmp_path / "shards"
     write_shards(get_reader("csv", index), shards, ShardOptions(sampling_rate=100, seconds=10, split_by="column",
                                                                 shard_size=8, text="report", progress=False))
