@@ -231,3 +231,16 @@ def test_eval_records_and_pairs_carry_the_same_tokens_as_the_tokenizer(shard_pai
         packed = pair(sample)[1][None]
         assert torch.equal(unpack_text_and_labels(packed).tokens[0], record(sample)["tokens"])
     assert sorted(calls) == sorted({s["text"] for s in samples})  # each distinct text once, over two epochs
+
+
+def test_rr_channels_come_from_the_recorded_signal_whatever_the_normalisation():
+    """Beats are found before normalisation, so stored beats serve every normalisation."""
+    from open_clip_ecg.data.synthetic import generate_record
+    from open_clip_ecg.data.transforms import build_ecg_transform
+
+    signal = torch.from_numpy(generate_record(0, seed=1, sampling_rate=RATE).signal)
+    signal[3] *= 40  # one loud lead: z-scoring it changes its weight in the QRS energy
+    expected = torch.from_numpy(rhythm.rr_channels(signal.numpy(), RATE))
+    for mode in ("center", "zscore", "none"):
+        out = build_ecg_transform(train=False, n_samples=1000, normalize=mode, rr_sampling_rate=RATE)(signal)
+        torch.testing.assert_close(out[12:], expected, rtol=0, atol=0)
