@@ -352,6 +352,21 @@ def test_a_worker_missing_cached_texts_raises_one_line_in_the_main_process(tiny_
     assert "run `open-clip-ecg text-cache" in message
 
 
+@pytest.mark.slow
+def test_training_with_workers_on_a_cache_missing_its_reports_fails_in_one_line(tiny_qwen3, synthetic_shards,
+                                                                                 tmp_path):
+    from conftest import tiny_run_args
+
+    build_text_cache(["sinus rhythm."], LMEmbedder(tiny_qwen3), tmp_path / "c", progress=False)
+    args = tiny_run_args(synthetic_shards, tmp_path / "logs", "--ecg-text-cache", tmp_path / "c", "--workers", "1",
+                         "--ecg-normalize", "center", "--train-num-samples", "16")
+    result = run_cli("train", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]  # after open_clip_train's log lines
+    assert last.startswith("open-clip-ecg train: error: ") and f"are not in the text cache {tmp_path / 'c'}" in last
+    assert "run `open-clip-ecg text-cache" in last and last.endswith("(raised in a DataLoader worker)")
+
+
 # ---------------------------------------------------------------------------------------------
 # 17. Exported folders can be moved
 # ---------------------------------------------------------------------------------------------
