@@ -390,6 +390,24 @@ def test_an_exported_hf_text_model_folder_can_be_moved(tmp_path, monkeypatch):
         assert torch.equal(model.encode_text(open_clip.get_tokenizer(f"local-dir:{moved}")(texts)), expected)
 
 
+def test_an_exported_live_llm_model_folder_can_be_moved_without_its_llm_folder(tiny_qwen3, tmp_path, monkeypatch):
+    from open_clip_ecg.export import export_model
+
+    llm = shutil.copytree(tiny_qwen3, tmp_path / "llm")
+    name = open_clip_ecg.registry.pair_text_model(BASE, llm, None)
+    checkpoint = save_checkpoint(tmp_path / "epoch_1.pt", name, ecg_cfg(model=name))
+    texts = ["sinus rhythm", "atrial fibrillation"]
+    with torch.no_grad():
+        reference = open_clip.create_model(name, pretrained=str(checkpoint)).eval()
+        expected = reference.encode_text(open_clip.get_tokenizer(name)(texts))
+        out = export_model(name, str(checkpoint), tmp_path / "dir")
+        moved = Path(shutil.move(out, tmp_path / "elsewhere"))
+        shutil.rmtree(llm)
+        monkeypatch.chdir(tmp_path)
+        model = open_clip.create_model(f"local-dir:{moved}").eval()
+        assert torch.equal(model.encode_text(open_clip.get_tokenizer(f"local-dir:{moved}")(texts)), expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # 18. A model trained with a text cache is exported from the CLI with its prompts' rows
 # ---------------------------------------------------------------------------------------------
