@@ -155,11 +155,16 @@ def _train(logs: Path, name: str, train_data: str, val_data: str):
     return run / "epoch_1.pt", results
 
 
+def _metrics(folder: Path) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return {"headline": metrics["headline"], "per_label": metrics["per_label"],
+            "thresholds": metrics["thresholds"]["per_label"]}
+
+
 def _evaluate(checkpoint: Path, data: str, val_data: str, out: Path) -> dict:
     assert cli.main(["evaluate", "--model", MODEL, "--pretrained", str(checkpoint), "--data", data,
                      "--val-data", val_data, "--out", str(out), "--bootstrap", "20", "--device", "cpu"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {k: metrics[k] for k in ("headline", "per_label", "thresholds")}
+    return _metrics(out)
 
 
 @pytest.mark.slow
@@ -184,8 +189,27 @@ def test_training_and_evaluating_from_http_and_pipe_equal_the_local_run(syntheti
                       spec("local", synthetic_shards, "val-*.tar"), tmp_path / "eval-local")
     remote = _evaluate(remote_ckpt, spec("http", synthetic_shards, "test-000000.tar", http_root),
                        spec("pipe", synthetic_shards, "val-{000000..000001}.tar"), tmp_path / "eval-remote")
-    assert remote["headline"] == local["headline"] and remote["per_label"] == local["per_label"]
-    assert remote["thresholds"]["per_label"] == local["thresholds"]["per_label"]
+    assert remote == local
+
+
+@pytest.mark.slow
+def test_train_supervised_and_probe_over_http_equal_the_local_runs(synthetic_shards, http_root, tmp_path):
+    """The supervised baseline (one epoch) and the linear probe, every split read over HTTP or
+    pipe:cat: the same metrics as from the local shards."""
+    checkpoint = checkpoint_of_random_model(tmp_path / "epoch_1.pt")
+    for where in ("local", "remote"):
+        train, val, test = (spec("local", synthetic_shards, f"{split}-*.tar") if where == "local" else
+                            spec("http" if split != "val" else "pipe", synthetic_shards, pattern, http_root)
+                            for split, pattern in (("train", "train-{000000..000004}.tar"),
+                                                   ("val", "val-{000000..000001}.tar"), ("test", "test-000000.tar")))
+        data = ["--train-data", train, "--val-data", val, "--data", test, "--bootstrap", "20", "--device", "cpu"]
+        assert cli.main(["train-supervised", *data, "--epochs", "1", "--seconds", "2.5", "--batch-size", "16",
+                         "--out", str(tmp_path / where / "supervised")]) == 0
+        assert cli.main(["probe", *data, "--model", MODEL, "--pretrained", str(checkpoint), "--fractions", "1",
+                         "--out", str(tmp_path / where / "probe")]) == 0
+    assert _metrics(tmp_path / "remote" / "supervised") == _metrics(tmp_path / "local" / "supervised")
+    assert _metrics(tmp_path / "remote" / "probe" / "fraction_100pct") == \
+        _metrics(tmp_path / "local" / "probe" / "fraction_100pct")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,3 +262,10 @@ def test_shards_that_cannot_be_read_are_one_line_naming_the_shard(case, syntheti
         assert "cannot read shard" in line and "curl exited with status 22" in line
     else:
         assert "cannot read shard pipe:cat" in line and "exited with status 1" in line
+
+
+def test_a_remote_folder_with_a_split_asks_for_a_pattern(http_root):
+    with pytest.raises(ValueError, match=r"a split \('test'\) picks the shards of a local folder, and "
+                                         r"'http://127.0.0.1:\d+/shards/' is remote: name remote shards with a "
+                                         r"pattern, e.g. 'http://127.0.0.1:\d+/shards/test-\{000000..000003\}.tar'"):
+        expand_shards(f"{http_root}/shards/", split="test")

@@ -79,11 +79,6 @@ def shard_folder(url: str) -> str:
     return os.path.dirname(beside(url, "x")) if not is_remote(url) else beside(url, "")
 
 
-def shard_identity(url: str) -> str:
-    """One name per shard, whatever form it was given in (for comparing shard lists)."""
-    return beside(url, shard_file_name(url)) if not is_remote(url) else str(url)
-
-
 def read_beside(url: str, name: str, limit: int) -> bytes:
     """The bytes of the folder file `name` beside shard `url` (at most `limit`, else an error).
     A missing local file is a FileNotFoundError; a remote one that cannot be read, a ShardReadError."""

@@ -70,6 +70,10 @@ def expand_shards(spec, split: Optional[str] = None) -> List[str]:
     """
     if isinstance(spec, (list, tuple)):
         paths = [str(p) for p in spec]
+    elif split and is_remote(spec):
+        raise ValueError(f"a split ({split!r}) picks the shards of a local folder, and {spec!r} is remote: name "
+                         f"remote shards with a pattern, e.g. '{spec.rstrip('/')}/{split}-{{000000..000003}}.tar' "
+                         "(the folder's manifest.json lists each split's pattern)")
     elif not is_remote(spec) and os.path.isdir(local_path(spec)):
         pattern = os.path.join(local_path(spec), shard_glob(split) if split else "*.tar")
         paths = sorted(glob.glob(pattern))
