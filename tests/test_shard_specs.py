@@ -84,8 +84,8 @@ def test_evaluate_on_a_mixed_list_is_one_line_naming_both_folders(synthetic_shar
                      "--data", f"{synthetic_shards}/test-000000.tar::{other}/test-000000.tar",
                      "--out", str(tmp_path / "eval")]) == 2
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith(
-        f"open-clip-ecg evaluate: error: the shard folders {synthetic_shards} and {other} differ in their sampling rate")
+    assert len(error) == 1 and error[0].startswith(f"open-clip-ecg evaluate: error: the shard folders "
+                                                   f"{synthetic_shards} and {other} differ in their sampling rate")
 
 
 @pytest.mark.parametrize("change, message", [

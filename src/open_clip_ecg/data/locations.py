@@ -128,16 +128,18 @@ def why_unreadable(error: Exception, url: str) -> str:
         return (f"webdataset has no opener for {urlparse(url).scheme}: urls; read it through a command, "
                 "e.g. 'pipe:aws s3 cp s3://bucket/ecg/train-000000.tar -'")
     status = re.search(r": exit (\d+) \(", text)  # webdataset's Pipe: "(([curl, ...],), {...}): exit 22 (read) {}"
+    code = int(status.group(1)) if status else None
     pipe = next((a for a in error.args if hasattr(a, "proc")), None)  # a shard's stream, when the tar broke
-    if status is None and pipe is not None:
+    if code is None and pipe is not None:
         try:
             code = pipe.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            code = None
-        status = re.search(r"(\d+)", str(code)) if code not in (None, 0, 141) else None
-    if status:
-        code = int(status.group(1))
+            pass
+        code = None if code in (0, 141) else code  # 141: the reader closed the pipe early
+    if code is not None:
         if urlparse(url).scheme == "pipe":
             return f"the command exited with status {code}"
-        return f"curl exited with status {code}" + (f": {CURL_STATUS[code]}" if code in CURL_STATUS else "")
+        program = {"gs": "gsutil", "ais": "ais"}.get(urlparse(url).scheme, "curl")
+        return (f"{program} exited with status {code}"
+                + (f": {CURL_STATUS[code]}" if program == "curl" and code in CURL_STATUS else ""))
     return text.split(" @ <")[0].splitlines()[0]

@@ -110,9 +110,10 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     Returns ``{"vocabulary": [{"id", "code", "name", ...}], "sampling_rate": float,
     "n_samples": int (stored record length), "directory": str (the first folder), "text": the text
     mode, "beats": the beat detector whose beats the samples carry, or None}``. A missing or
-    inconsistent file, or a manifest of another format version, is a ValueError naming it. Shards of several folders (a ``::`` list) must agree on :data:`AGREED`,
-    or the error names the two folders that differ; remote shards must be listed in their folder's
-    manifest (locally, :func:`.pipeline.expand_shards` checks that they exist).
+    inconsistent file, or a manifest of another format version, is a ValueError naming it. Shards
+    of several folders (a ``::`` list) must agree on :data:`AGREED`, or the error names the two
+    folders that differ; remote shards must be listed in their folder's manifest (locally,
+    :func:`.pipeline.expand_shards` checks that they exist).
     """
     first_of_folder: Dict[str, str] = {}
     for shard in shards:
@@ -123,8 +124,9 @@ def read_shard_info(shards: Sequence[str]) -> Dict:
     listed = {info["directory"]: info["shards"] for info in infos}
     unlisted = [s for s in shards if is_remote(s) and shard_file_name(s) not in listed[shard_folder(s)]]
     if unlisted:
-        raise ValueError(f"{len(unlisted)} shard(s) are not in their folder's {MANIFEST_FILE}, e.g. {unlisted[0]} "
-                         f"({beside(unlisted[0], MANIFEST_FILE)} lists {len(listed[shard_folder(unlisted[0])])} shards)")
+        example = unlisted[0]
+        raise ValueError(f"{len(unlisted)} shard(s) are not in their folder's {MANIFEST_FILE}, e.g. {example} "
+                         f"({beside(example, MANIFEST_FILE)} lists {len(listed[shard_folder(example)])} shards)")
     return {k: v for k, v in infos[0].items() if k != "shards"}
 
 
