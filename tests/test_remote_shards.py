@@ -96,17 +96,18 @@ def test_a_file_url_works_as_a_glob_and_as_a_folder_with_a_split(synthetic_shard
     assert expand_shards(f"file://{synthetic_shards}", split="val") == local
 
 
-@pytest.mark.parametrize("resampled", [False, True])
-def test_training_batches_from_a_remote_list_equal_the_local_ones(synthetic_shards, http_root, resampled):
-    """open_clip's '::' list of several openers, with or without --dataset-resampled: the same
-    batches in the same order for the same seed (the sample shuffle is seeded, not clock-seeded)."""
+@pytest.mark.parametrize("resampled, workers", [(False, 0), (True, 0), (False, 2)])
+def test_training_batches_from_a_remote_list_equal_the_local_ones(synthetic_shards, http_root, resampled, workers):
+    """open_clip's '::' list of several openers, with or without --dataset-resampled, in this
+    process or in loader workers: the same batches in the same order for the same seed (the sample
+    shuffle is seeded, not clock-seeded)."""
     tokenizer = open_clip.get_tokenizer(MODEL)
 
     def batches(train_data):
         info = read_shard_info(expand_shards(train_data))
         preparer = ECGSamplePreparer(250, len(info["vocabulary"]), train=True, sampling_rate=info["sampling_rate"])
         torch.manual_seed(0)  # the random crops
-        data = make_train_loader(train_data, tokenizer=tokenizer, preparer=preparer, batch_size=8, workers=0,
+        data = make_train_loader(train_data, tokenizer=tokenizer, preparer=preparer, batch_size=8, workers=workers,
                                  seed=3, resampled=resampled, num_samples=32)
         return list(data.dataloader)
 
