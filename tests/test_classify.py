@@ -209,3 +209,29 @@ def test_classify_real_ptbxl_records_with_a_trained_exported_model_equals_evalua
     classified = {r["record"]: np.array([float(r[c]) for c in codes]) for r in rows}
     for key in ids:  # the same inputs, bit for bit; batches of other sizes may differ in the last float bits
         np.testing.assert_allclose(classified[key], by_key[sample_key(key)], atol=1e-5)
+
+
+def test_a_raw_record_reaches_the_model_exactly_as_its_shard_does(tmp_path):
+    """Lead order and spelling, resampling from 500 Hz, float16 storage, normalisation, RR channels, crop."""
+    from open_clip_ecg.data.pipeline import expand_shards, make_eval_loader
+    from open_clip_ecg.data.readers import get_reader
+    from open_clip_ecg.data.readers.wfdb_io import read_wfdb
+    from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
+    from open_clip_ecg.model_preprocess import ECGPreprocess
+
+    leads = ["V6", "lead_I", "AVR", "II", "III", "AVL", "AVF", "V1", "V2", "V3", "V4", "V5"]
+    order = [11, 0, 3, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+    for i in range(2):
+        write_record(tmp_path / "in", f"r{i}", 3.0 * ecg(fs=500, seed=i)[order], fs=500, leads=leads)
+    (tmp_path / "index.csv").write_text("id,path,report,labels,split\n" + "".join(
+        f"r{i},in/r{i},an ECG,NORM,test\n" for i in range(2)))
+    write_shards(get_reader("csv", tmp_path / "index.csv"), tmp_path / "shards",
+                 ShardOptions(sampling_rate=100, seconds=10, split_by="column", text="report", progress=False))
+    channels = open_clip_ecg.LEAD_SETS["12+rr"]
+    for normalize in ("zscore", "center"):
+        preprocess = ECGPreprocess({"sampling_rate": 100.0, "seconds": 5.0, "eval_seconds": 8.0, "leads": channels,
+                                    "normalize": normalize})
+        batch = next(iter(make_eval_loader(expand_shards(str(tmp_path / "shards"), split="test"), n_samples=800,
+                                           batch_size=2, leads=channels, normalize=normalize, sampling_rate=100)))
+        for key, stored in zip(batch["keys"], batch["ecg"]):
+            assert torch.equal(preprocess(*read_wfdb(str(tmp_path / "in" / key), key)), stored), (normalize, key)

@@ -121,3 +121,22 @@ def test_quickstart_on_real_ptbxl_trains_the_fold7_winner(ptbxl_dir, tmp_path):
     assert saved["state_dict"]["visual.trunk.conv1.weight"].shape[1] == 14
     for task in ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"):
         assert f"zero-shot {task}: macro_auroc" in result.stdout
+
+
+def test_the_exported_epoch_is_the_best_mean_over_tasks_and_each_task_keeps_its_best_rules_for_it():
+    from open_clip_ecg.quickstart import exported_checkpoint, rules_for_checkpoint
+
+    def row(task, checkpoint, auroc, scoring="sigmoid"):
+        return {"task": task, "checkpoint": checkpoint, "names": "name", "aggregate": "prompt", "scoring": scoring,
+                "val_macro_auroc": auroc}
+
+    candidates = [row("super", "e1", 0.90), row("super", "e1", 0.70, "contrast"), row("rhythm", "e1", 0.60),
+                  row("super", "e2", 0.80), row("rhythm", "e2", 0.65, "contrast"), row("rhythm", "e2", None),
+                  row("form", "e1", None), row("form", "e2", None)]
+    # super chose e1 (0.90 > 0.80), rhythm e2; the means: e1 0.75, e2 0.725
+    assert exported_checkpoint(candidates, last="e2") == "e1"
+    candidates[3]["val_macro_auroc"] = 0.85  # e2 mean 0.75: a tie goes to the later epoch
+    assert exported_checkpoint(candidates, last="e2") == "e2"
+    assert exported_checkpoint([row("form", "e1", None)], last="e2") == "e2"  # nothing defined: the last
+    assert rules_for_checkpoint(candidates, "e2", "rhythm", ScoringRules()) == ScoringRules("name", "prompt", "contrast")
+    assert rules_for_checkpoint(candidates, "e2", "form", ScoringRules()) == ScoringRules()
