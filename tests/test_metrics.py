@@ -144,3 +144,35 @@ def test_bad_inputs_raise():
         M.headline_metrics(np.zeros((3, 2)), np.full((3, 2), np.nan), [0.5, 0.5])
     with pytest.raises(ValueError, match="one threshold per label"):
         M.evaluate_scores(np.zeros((3, 2)), np.zeros((3, 2)), [0.5])
+
+
+def test_finding_set_relevance_by_jaccard_level():
+    queries = [[1, 1, 0], [0, 0, 0], [1, 0, 0]]  # {A, B}, {}, {A}
+    items = [[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 1]]  # {A}, {}, {A, B}, {C}
+    assert M.finding_set_relevance(queries, items).tolist() == [
+        [False, False, True, False], [False, True, False, False], [True, False, False, False]]
+    assert M.finding_set_relevance(queries, items, 0.5).tolist() == [  # {A} vs {A, B}: 1/2
+        [True, False, True, False], [False, True, False, False], [True, False, True, False]]
+    with pytest.raises(ValueError, match="min_jaccard"):
+        M.finding_set_relevance(queries, items, 0.0)
+
+
+def test_multilabel_retrieval_by_hand():
+    """Records 0 and 1 share the finding set {A}: each one's text is relevant to the other."""
+    labels = [[1, 0], [1, 0], [0, 1]]
+    similarity = [[0.9, 0.1, 0.5],   # relevant 0, 1 ranked 1st and 3rd: AP (1/1 + 2/3) / 2 = 5/6
+                  [0.2, 0.3, 0.8],   # relevant 0, 1 ranked 3rd and 2nd: AP (1/2 + 2/3) / 2 = 7/12
+                  [0.1, 0.7, 0.4]]   # relevant 2 ranked 2nd: AP 1/2
+    figures = M.multilabel_retrieval(similarity, labels, labels, ks=(1, 2))
+    assert figures == pytest.approx({"mAP": (5 / 6 + 7 / 12 + 1 / 2) / 3, "R@1": 1 / 3, "R@2": 1.0, "queries": 3})
+
+
+def test_multilabel_retrieval_leaves_out_queries_without_a_relevant_item():
+    ecg_labels = [[1, 1], [1, 0]]
+    text_labels = [[1, 0], [1, 0]]  # the first text states only one of its ECG's two findings
+    figures = M.multilabel_retrieval([[0.2, 0.9], [0.8, 0.1]], ecg_labels, text_labels, ks=(1,))
+    assert figures == pytest.approx({"mAP": 1.0, "R@1": 1.0, "queries": 1})
+    assert M.multilabel_retrieval([[0.2, 0.9], [0.8, 0.1]], ecg_labels, text_labels, min_jaccard=0.5,
+                                ks=(1,)) == pytest.approx({"mAP": 1.0, "R@1": 1.0, "queries": 2})
+    with pytest.raises(ValueError, match="similarity of shape"):
+        M.multilabel_retrieval([[0.2, 0.9]], ecg_labels, text_labels)

@@ -46,9 +46,19 @@ def test_one_epoch_writes_checkpoint_logs_and_zero_shot_metrics(tiny_training_ru
     assert np.isfinite(results[-1]["zeroshot-macro-auroc"]) and results[-1]["zeroshot-macro-auroc"] != 0.5
     assert results[-1]["zeroshot-labels-scored"] >= 1
     assert "clip_val_loss" in results[-1]  # open_clip's own val loss still runs
+    # retrieval with every text sharing the ECG's finding set relevant (exact values: test_metrics.py)
+    last = results[-1]
+    for relevance in ("same_findings", "jaccard50"):
+        for direction in ("ecg_to_text", "text_to_ecg"):
+            assert 0 < last[f"{direction}_mAP_{relevance}"] <= 1
+            assert last[f"{direction}_queries_{relevance}"] == last["num_samples"]  # each pair shares its own set
+    for k in (1, 5, 10):  # counting every same-set text only adds hits to open_clip's paired-text-only R@k
+        assert last[f"image_to_text_R@{k}"] <= last[f"ecg_to_text_R@{k}_same_findings"] <= \
+            last[f"ecg_to_text_R@{k}_jaccard50"]
+        assert last[f"text_to_image_R@{k}"] <= last[f"text_to_ecg_R@{k}_same_findings"]
     assert list((trained / "tensorboard").glob("events.*"))
     log = (trained / "out.log").read_text()
-    assert "Zero-shot (epoch 1)" in log and "precision: fp32" in log and "siglip: True" in log
+    assert "Zero-shot (epoch 1)" in log and "Retrieval (epoch 1)" in log and "precision: fp32" in log and "siglip: True" in log
 
 
 @pytest.mark.slow
@@ -328,6 +338,34 @@ def test_training_zero_shot_equals_evaluate_on_the_same_checkpoint(tiny_training
     headline = json.loads((out / "metrics.json").read_text())["headline"]
     assert logged["zeroshot-macro-auroc"] == pytest.approx(headline["macro_auroc"], abs=1e-6)
     assert logged["zeroshot-micro-f1"] == pytest.approx(headline["micro_f1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_training_retrieval_equals_a_recomputation_from_the_checkpoint(tiny_training_run, synthetic_shards):
+    """The logged retrieval figures are those of epoch_1.pt recomputed here: val ECGs embedded as
+    `embed` does, the stored reports through the text tower, relevance from each sample's labels."""
+    from open_clip_ecg.data.pipeline import iterate_samples
+    from open_clip_ecg.embed import embed_shards
+    from open_clip_ecg.factory import load_model
+    from open_clip_ecg.metrics import multilabel_retrieval
+
+    logged = _results(tiny_training_run)[-1]
+    model, tokenizer = load_model(MODEL, str(tiny_training_run / "checkpoints" / "epoch_1.pt"))
+    shards = str(synthetic_shards / "val-*.tar")
+    ecg = torch.from_numpy(embed_shards(model, shards).embeddings)
+    samples = list(iterate_samples(shards))
+    with torch.no_grad():
+        text = model.encode_text(tokenizer([sample["text"] for sample in samples]), normalize=True)
+    labels = np.zeros((len(samples), 1 + max(i for sample in samples for i in sample["label_ids"])))
+    for row, sample in enumerate(samples):
+        labels[row, sample["label_ids"]] = 1
+    assert len({tuple(row) for row in labels}) < len(labels)  # some records share a finding set
+    similarity = (ecg @ text.T).numpy()
+    for relevance, level in (("same_findings", 1.0), ("jaccard50", 0.5)):
+        for direction, scores in (("ecg_to_text", similarity), ("text_to_ecg", similarity.T)):
+            for metric, value in multilabel_retrieval(scores, labels, labels, level).items():
+                assert logged[f"{direction}_{metric}_{relevance}"] == pytest.approx(value, abs=1e-4), \
+                    (direction, metric, relevance)
 
 
 def test_train_runs_as_a_subcommand_and_as_a_module_with_the_ecg_help():

@@ -10,6 +10,12 @@ Point estimates come from scikit-learn. Conventions (documented because papers d
   finding as agreement (``zero_division=1``); F1 of a label with no true and no predicted
   positive is 0 (``zero_division=0``).
 
+Retrieval under multi-label relevance (:func:`multilabel_retrieval`): open_clip's validation counts
+only the paired text as a match for an ECG, so among records sharing a finding set (most PTB-XL texts
+are a few label sentences) a perfect model scores R@1 far below 1. Here every item whose finding set
+has Jaccard >= a stated level with the query's counts as relevant; mAP comes from scikit-learn's
+``label_ranking_average_precision_score`` (ties ranked pessimistically).
+
 Bootstrap intervals resample records with replacement. Every replicate is a vector of multinomial
 record counts, drawn all at once from one seeded generator, so replicate statistics are matrix
 products instead of a Python loop of scikit-learn calls. scikit-learn has no batched (many
@@ -29,6 +35,7 @@ from sklearn.metrics import (
     average_precision_score,
     f1_score,
     jaccard_score,
+    label_ranking_average_precision_score,
     precision_recall_curve,
     recall_score,
     roc_auc_score,
@@ -38,6 +45,7 @@ HEADLINE_METRICS = (
     "macro_auroc", "micro_auroc", "macro_ap", "micro_f1", "macro_f1", "jaccard_samples", "exact_match",
 )
 DEFAULT_THRESHOLD = 0.5
+RETRIEVAL_KS = (1, 5, 10)
 
 
 def _check_arrays(y_true, y_score) -> Tuple[np.ndarray, np.ndarray]:
@@ -120,6 +128,44 @@ def headline_metrics(y_true, y_score, thresholds) -> Dict[str, Optional[float]]:
             "exact_match": float(accuracy_score(y_true, pred)),
         }
     return out
+
+
+def finding_set_relevance(query_labels, item_labels, min_jaccard: float = 1.0) -> np.ndarray:
+    """``[queries, items]`` bool: the item's finding set has Jaccard >= `min_jaccard` with the
+    query's (1.0: the same set; two empty sets count as the same)."""
+    if not 0 < min_jaccard <= 1:
+        raise ValueError(f"min_jaccard must be in (0, 1], got {min_jaccard}")
+    query, item = np.asarray(query_labels, dtype=np.float64), np.asarray(item_labels, dtype=np.float64)
+    if query.ndim != 2 or item.ndim != 2 or query.shape[1] != item.shape[1]:
+        raise ValueError(f"expected [queries, labels] and [items, labels] multi-hot arrays, got shapes "
+                         f"{query.shape} and {item.shape}")
+    shared = query @ item.T
+    union = query.sum(1)[:, None] + item.sum(1)[None, :] - shared
+    return shared >= min_jaccard * union
+
+
+def multilabel_retrieval(similarity, query_labels, item_labels, min_jaccard: float = 1.0,
+                         ks: Sequence[int] = RETRIEVAL_KS) -> Dict[str, float]:
+    """Retrieval of items (columns of `similarity`) for each query (rows) where every item whose
+    finding set has Jaccard >= `min_jaccard` with the query's is relevant.
+
+    Returns ``mAP`` (mean average precision over queries), ``R@k`` (share of queries with a relevant
+    item among the top k; ties broken by item order, as open_clip's R@k) and ``queries`` (how many
+    had a relevant item: the others, possible when a text states fewer findings than its ECG shows,
+    are left out of both)."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    relevant = finding_set_relevance(query_labels, item_labels, min_jaccard)
+    if similarity.shape != relevant.shape:
+        raise ValueError(f"similarity of shape {similarity.shape} for {relevant.shape[0]} queries and "
+                         f"{relevant.shape[1]} items")
+    answerable = relevant.any(axis=1)
+    relevant, similarity = relevant[answerable], similarity[answerable]
+    if not len(relevant):
+        return {"mAP": float("nan"), **{f"R@{k}": float("nan") for k in ks}, "queries": 0.0}
+    ranked = np.take_along_axis(relevant, np.argsort(-similarity, axis=1, kind="stable"), axis=1)
+    return {"mAP": float(label_ranking_average_precision_score(relevant, similarity)),
+            **{f"R@{k}": float(ranked[:, :k].any(axis=1).mean()) for k in ks},
+            "queries": float(len(relevant))}
 
 
 def per_label_metrics(y_true, y_score, thresholds, codes: Optional[Sequence[str]] = None) -> List[Dict]:
