@@ -63,8 +63,6 @@ def measure(samples: int, batch_size: int, steps: int, device: str = "cpu", grad
     ecg = torch.randn(batch_size, 12, samples, device=device)
     cuda = torch.device(device).type == "cuda"
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=cuda)
-    with autocast:  # the model's FLOPs (before checkpointing would add recomputation)
-        flops = training_step_flops(model, ecg)
     model.set_grad_checkpointing(grad_ckpt)
 
     def step():
@@ -90,6 +88,9 @@ def measure(samples: int, batch_size: int, steps: int, device: str = "cpu", grad
         cpu_times.append(time.process_time() - cpu_start)
     peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
+    model.set_grad_checkpointing(False)  # counted after the peak: the model's FLOPs, without recomputation
+    with autocast:
+        flops = training_step_flops(model, ecg)
     return {"samples_per_s": batch_size / statistics.median(step_times),
             "samples_per_cpu_s": batch_size / statistics.median(cpu_times),
             "peak_memory_mib": peak / 2 ** 20, "gflop_per_sample": flops / batch_size / 1e9}
