@@ -10,11 +10,14 @@ User errors are reported here and nowhere else: a ``ValueError`` (with its subcl
 :class:`~open_clip_ecg.data.shard_format.ShardFormatError`) or a ``FileNotFoundError`` raised by a
 command becomes the one line ``open-clip-ecg <command>: error: <message>`` on stderr and exit
 status 2, as argparse reports a bad flag. Messages name the file, record or value at fault, so
-no traceback is printed. Anything else is a bug and keeps its traceback.
+no traceback is printed. A full disk (``ENOSPC``, ``EDQUOT``) is reported the same way, for every
+command: the writers are atomic and resumable, so freeing space and re-running completes the job.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import List, NamedTuple, Optional
@@ -61,6 +64,7 @@ typical sequence:
 `open-clip-ecg COMMAND --help` lists a command's options."""
 
 USER_ERRORS = (ValueError, FileNotFoundError)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +102,13 @@ def report_user_errors(name: str, action) -> int:
         return int(action() or 0)
     except USER_ERRORS as e:
         print(f"open-clip-ecg {name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"open-clip-ecg {name}: error: {e.strerror} (errno {e.errno}){where}: free some space and run the "
+              "command again (completed output is kept)", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .exported_folder import exported_preprocess
 from .model_preprocess import ECGPreprocess, read_checkpoint_preprocess
@@ -60,6 +60,17 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     return model, open_clip.get_tokenizer(name)
 
 
+def state_dict_mismatch(state: Dict, expected: Dict) -> List[str]:
+    """What keeps `state` from loading into a model whose state dict is `expected`: counts of missing,
+    unexpected and resized tensors, with examples (empty when it fits)."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
+    return [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
+            for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatches", resized)) if items]
+
+
 def raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception) -> None:
     """ValueError when `pretrained` is unreadable or its tensors are missing, extra or resized for `name`."""
     import open_clip
@@ -69,14 +80,7 @@ def raise_if_checkpoint_does_not_fit(name: str, pretrained: str, err: Exception)
         state = load_state_dict(pretrained, weights_only=True)
     except Exception as load_err:  # not a checkpoint: torch's unpickler fails in many ways (IndexError, EOFError...)
         raise ValueError(f"cannot read checkpoint {pretrained!r} (for model {name!r}): {load_err}") from err
-    expected = open_clip.create_model(name, pretrained_text=False).state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    resized = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k].shape)]
-    problems = [f"{len(items)} {label} (e.g. {', '.join(items[:3])})"
-                for label, items in (("missing", missing), ("unexpected", extra), ("shape mismatches", resized))
-                if items]
+    problems = state_dict_mismatch(state, open_clip.create_model(name, pretrained_text=False).state_dict())
     if problems:
         raise ValueError(f"checkpoint {pretrained!r} does not match model {name!r}: {'; '.join(problems)}. "
                          "Pass the --model the checkpoint was trained with.") from err

@@ -12,7 +12,10 @@ depend on ``workers``. Memory: signals are streamed, at most ``4 * workers * 4``
 are in flight; what grows with the collection is the list of record entries (ids, reports, labels,
 metadata: about 1 KB per record), read once so that splits and the vocabulary are known up front.
 
-Atomicity and resuming: each shard is written to ``NAME.tar.tmp`` then renamed. After every
+One writer at a time: the folder is locked (:mod:`open_clip_ecg.folder_lock`) while a job writes
+it; a second ``shards`` run on it fails naming the holder.
+
+Atomicity and resuming: each shard is written to ``NAME.tar.tmpPID`` then renamed. After every
 completed shard, ``progress.json`` records the shard's sha256, sample count, skipped records and
 label counts, under a fingerprint of the job (source, options, every listed record). A re-run
 with the same job keeps every recorded shard whose file still has its checksum and continues
@@ -22,6 +25,10 @@ form that the finished job did not produce are deleted, so globs never pick up s
 A re-run of a job that already finished (``manifest.json`` holds its fingerprint and every
 shard still has its checksum) returns that manifest and touches nothing, so a training reading
 the folder meanwhile is safe.
+
+A folder that holds the complete shards of another job (its ``manifest.json``) keeps them until
+the new job is complete: the new shards are written (and resumed) in ``FOLDER/.next/``, then moved
+in by renames, which need no space, so a full disk or a crash midway leaves the previous set whole.
 
 Bad records (see ``record.SKIP_REASONS``) are skipped, listed in the manifest and summarised by
 the ``shards`` command; with ``strict`` the first one raises :class:`RecordError` naming its path
@@ -35,19 +42,21 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tarfile
 import threading
 from collections import Counter
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
-from ..atomic import remove_stale_temps
+from ..atomic import remove_stale_temps, temp_path
+from ..folder_lock import folder_lock
 from ..leads import STANDARD_LEADS
 from .manifest import MANIFEST_FILE, SIZES_FILE, build_manifest, write_folder_json
 from .preprocess import MISSING_LEAD_POLICIES, preprocess_record, sampling_rate_problem
@@ -69,6 +78,7 @@ from .text import TEXT_MODES, make_text
 from .vocabulary import VOCABULARY_FILE, label_ids
 
 PROGRESS_FILE = "progress.json"
+NEXT_DIR = ".next"  # the next job's shards while the folder holds another job's complete set
 _CHUNK = 4  # records per worker task
 
 
@@ -221,7 +231,7 @@ def _encoded(encoder: SampleEncoder, items: List, pool, workers: int) -> Iterato
 # --------------------------------------------------------------------------------------------
 
 class _ShardFile:
-    """One tar being written to ``NAME.tar.tmp``; :meth:`finish` fsyncs and renames it.
+    """One tar being written to ``NAME.tar.tmpPID``; :meth:`finish` fsyncs and renames it.
 
     Hand-written rather than ``webdataset.TarWriter`` (1.0.2): TarWriter writes a sample's members
     in sorted name order and ignores its ``format`` argument (POSIX headers instead of GNU), so
@@ -231,27 +241,39 @@ class _ShardFile:
     """
 
     def __init__(self, path: Path):
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.path, self.tmp = path, Path(temp_path(path))
         self.file = open(self.tmp, "wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
         self.n = 0
 
     def add(self, key: str, members: Dict[str, bytes]) -> None:
-        for extension, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{extension}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self.tar.addfile(info, io.BytesIO(data))
+        with self._naming_errors():
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                self.tar.addfile(info, io.BytesIO(data))
         self.n += 1
 
     def finish(self) -> str:
-        self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        with self._naming_errors():
+            self.tar.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
         return _sha256(self.path)
+
+    @contextmanager
+    def _naming_errors(self):
+        """Write errors (a full disk: ENOSPC) name the file being written."""
+        try:
+            yield
+        except OSError as err:
+            if err.filename is None:
+                err.filename = str(self.tmp)
+            raise
 
     def abort(self) -> None:
         self.tar.close()
@@ -339,19 +361,80 @@ def write_shards(reader: Reader, output_dir, options: Optional[ShardOptions] = N
     ids = label_ids(code for e in entries for code in e.labels)
     label_names = reader.label_names()
     fingerprint = _fingerprint(source, output_options, entries, splits)
-    finished = _finished_job(output_dir, fingerprint)
-    if finished is not None:
-        if options.progress:
-            print(f"{output_dir}: already complete for this job (fingerprint and shard checksums match); "
-                  "nothing rewritten", file=sys.stderr)
-        return finished
+    job = _Job(reader, options, source, entries, splits, output_options, ids, label_names, root, fingerprint)
+    with folder_lock(output_dir, "open-clip-ecg shards"):
+        finished = _finished_job(output_dir, fingerprint)
+        if finished is not None:
+            if options.progress:
+                print(f"{output_dir}: already complete for this job (fingerprint and shard checksums match); "
+                      "nothing rewritten", file=sys.stderr)
+            return finished
+        remove_stale_temps(output_dir)  # temporaries of killed runs
+        next_dir = output_dir / NEXT_DIR
+        if not _holds_another_job(output_dir, fingerprint):
+            shutil.rmtree(next_dir, ignore_errors=True)  # the next set of a job that is not this one
+            return _write_folder(output_dir, job)
+        manifest = _finished_job(next_dir, fingerprint) or _write_folder(next_dir, job)  # complete, not moved in
+        _move_in(next_dir, output_dir, manifest)
+        return manifest
 
+
+@dataclass
+class _Job:
+    """What :func:`write_shards` writes, resolved from the reader and the options."""
+
+    reader: Reader
+    options: ShardOptions
+    source: dict
+    entries: List[RecordEntry]
+    splits: List[str]
+    output_options: dict
+    ids: Dict[str, int]
+    label_names: Dict[str, str]
+    root: Optional[str]
+    fingerprint: str
+
+
+def _holds_another_job(output_dir: Path, fingerprint: str) -> bool:
+    """Whether the folder holds another job's manifest (a set to keep until this job is complete)."""
+    try:
+        manifest = json.loads((output_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint
+
+
+def _move_in(next_dir: Path, output_dir: Path, manifest: dict) -> None:
+    """Replace the folder's shard set by the complete one in `next_dir` (renames only)."""
+    (output_dir / MANIFEST_FILE).unlink(missing_ok=True)  # from here the folder is incomplete until the end
+    produced = {shard["name"] for shard in manifest["shards"]}
+    for name in sorted(produced):
+        os.replace(next_dir / name, output_dir / name)
+    _remove_other_shards(output_dir, produced)
+    (output_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    for name in (VOCABULARY_FILE, SIZES_FILE, MANIFEST_FILE):  # the manifest last: it marks a complete folder
+        os.replace(next_dir / name, output_dir / name)
+    shutil.rmtree(next_dir)
+
+
+def _remove_other_shards(output_dir: Path, produced: Set[str]) -> None:
+    """Delete ``{split}-NNNNNN.tar`` files the job did not produce, so globs never pick up stale shards."""
+    for path in output_dir.iterdir():
+        if SHARD_NAME.match(path.name) and path.name not in produced:
+            path.unlink()
+
+
+def _write_folder(output_dir: Path, job: _Job) -> dict:
+    """Write (or resume) `job` into `output_dir`: shards, then vocabulary, sizes and manifest."""
+    reader, options, source, entries, splits, fingerprint = (job.reader, job.options, job.source, job.entries,
+                                                             job.splits, job.fingerprint)
+    output_dir.mkdir(parents=True, exist_ok=True)
     for stale in [MANIFEST_FILE, SIZES_FILE, VOCABULARY_FILE] + [p.name for p in output_dir.glob("*.tar.tmp")]:
         (output_dir / stale).unlink(missing_ok=True)
     remove_stale_temps(output_dir)  # progress/manifest temporaries of a killed run
     done = _resumable_shards(output_dir, fingerprint)
     progress = {"fingerprint": fingerprint, "shards": {split: list(done.get(split, [])) for split in SPLITS}}
-    encoder = SampleEncoder(reader, options, label_names, ids, root)
+    encoder = SampleEncoder(reader, options, job.label_names, job.ids, job.root)
     trailing_skips: Dict[str, List[dict]] = {}
 
     with ExitStack() as stack:
@@ -370,12 +453,10 @@ def write_shards(reader: Reader, output_dir, options: Optional[ShardOptions] = N
                                                  options, progress, bar)
 
     produced = {shard["name"] for split in SPLITS for shard in progress["shards"][split]}
-    for path in output_dir.iterdir():
-        if SHARD_NAME.match(path.name) and path.name not in produced:
-            path.unlink()
+    _remove_other_shards(output_dir, produced)
 
-    manifest = build_manifest(source, output_options, len(entries), progress["shards"], trailing_skips, ids,
-                              label_names, fingerprint)
+    manifest = build_manifest(source, job.output_options, len(entries), progress["shards"], trailing_skips, job.ids,
+                              job.label_names, fingerprint)
     write_folder_json(output_dir / VOCABULARY_FILE, manifest["vocabulary"])
     write_folder_json(output_dir / SIZES_FILE, {s["name"]: s["samples"] for s in manifest["shards"]})
     write_folder_json(output_dir / MANIFEST_FILE, manifest)  # last: its presence marks a complete folder

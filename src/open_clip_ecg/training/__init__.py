@@ -10,7 +10,9 @@
   shards before it starts (text truncation, ``--ecg-init-logit-bias auto``).
 - :mod:`.logit_step`: ``--ecg-logit-lr-mult``.
 - :mod:`.zero_shot`: multi-label zero-shot validation.
-- :mod:`.checkpoint`: atomic checkpoint saves that record the ECG preprocessing.
+- :mod:`.finite_loss`: a run stops at its first non-finite loss, before any checkpoint.
+- :mod:`.checkpoint`: atomic checkpoint saves that record the ECG preprocessing, and the checks
+  that a checkpoint to resume fits the run (model, recipe).
 
 The entry point (``python -m open_clip_ecg.train``, ``open-clip-ecg train``) is
 :mod:`open_clip_ecg.train`.

@@ -56,6 +56,13 @@ def get_ecg_dataset(args, preprocess_fn, is_train, epoch=0, tokenizer=None):
                            batch_size=args.batch_size, workers=args.workers)
 
 
+def current_preprocess_cfg(args) -> Optional[Dict]:
+    """The ECG preprocessing this run's checkpoints will record (None without --train-data)."""
+    if not args.train_data:
+        return None
+    return training_preprocess_cfg(args.model, args.ecg, read_shard_info(expand_shards(args.train_data)))
+
+
 TRUNCATION_SAMPLE = 2000  # training texts checked against the context length before training
 
 

@@ -4,6 +4,7 @@ seam)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import List
 
@@ -96,6 +97,10 @@ def ecg_argument_parser() -> argparse.ArgumentParser:
     group.add_argument("--ecg-logit-lr-mult", type=float, default=1.0,
                        help="each optimizer step moves the logit scale and bias this many times as far as "
                             "the optimizer would (default 1); on small data they otherwise barely move")
+    group.add_argument("--ecg-allow-recipe-change", action="store_true",
+                       help="--resume a checkpoint although --ecg-seconds, --ecg-normalize, --ecg-targets or the "
+                            "training shards' vocabulary or sampling rate differ from its own (refused without "
+                            "this flag); the change is logged and recorded in the next checkpoints")
     group.add_argument("--ecg-text-model", default=None, metavar="HF_FOLDER",
                        help="pair the --model's ECG tower with this local Hugging Face text model "
                             "(BERT-like encoder or decoder LLM: Qwen3, Llama, Gemma, Mistral, ...)")
@@ -182,6 +187,10 @@ def resolve_run_args(args: argparse.Namespace, ecg_options: argparse.Namespace, 
                              "hold: use --ecg-text stored and no --ecg-finding-texts with --ecg-text-cache")
     if ecg_options.ecg_logit_lr_mult <= 0:
         raise ValueError(f"--ecg-logit-lr-mult must be > 0, got {ecg_options.ecg_logit_lr_mult}")
+    if not 0 < ecg_options.ecg_init_logit_scale < math.inf:  # the model stores its log
+        raise ValueError(f"--ecg-init-logit-scale must be a positive number, got {ecg_options.ecg_init_logit_scale}")
+    if ecg_options.ecg_init_logit_bias != "auto" and not math.isfinite(ecg_options.ecg_init_logit_bias):
+        raise ValueError(f"--ecg-init-logit-bias must be a finite number or 'auto', got {ecg_options.ecg_init_logit_bias}")
     args.model = pair_text_model(args.model, ecg_options.ecg_text_model, ecg_options.ecg_text_cache)
     check_open_clip_args(args)
     if given_flags(argv, "--precision").precision is None and not torch.cuda.is_available():

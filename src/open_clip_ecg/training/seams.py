@@ -8,13 +8,16 @@ seam                                        why
 =========================================== ==================================================
 ``open_clip_train.main.parse_args``         add ``--ecg-*`` options, force SigLIP, reject flags
                                             that cannot work with ECGs, fp32 default on CPU
-``open_clip_train.main.create_model_and_…`` give the model a forward that unpacks the labels
+``open_clip_train.main.create_model_and_…`` check a --resume checkpoint against the run's
+                                            model and recipe (one line instead of load_state_dict's
+                                            hundreds); give the model a forward that unpacks the labels
                                             carried with the text and returns them as
                                             ``labels`` (accumulation caches them like features),
                                             plus the embedded ``--ecg-finding-texts`` (groups too),
                                             and a lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
-``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default)
+``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default),
+                                            stopping the run at the first non-finite loss
 ``open_clip_train.main.torch``              only ``torch.save`` (atomic, records the ECG
                                             preprocessing with each checkpoint, removes
                                             temporaries of killed saves) and
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import types
 from typing import List, Optional
 
@@ -45,9 +49,10 @@ from .. import compat
 from ..factory import raise_if_checkpoint_does_not_fit
 from ..loss import MultiLabelSigLipLoss
 from ..towers import lock_image_tower
-from .checkpoint import checkpoint_saver
-from .data import get_ecg_dataset
+from .checkpoint import check_resume, checkpoint_saver
+from .data import current_preprocess_cfg, get_ecg_dataset
 from .finding_texts import FindingTextTokens, finding_text_tokens
+from .finite_loss import FiniteLossCheck
 from .label_passing import enable_label_passing
 from .logit_step import LogitStepAmplifier
 from .options import resolve_run_args
@@ -87,17 +92,20 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
     upstream_create_model = compat.CREATE_MODEL_AND_TRANSFORMS.get()
     amplifier = LogitStepAmplifier(ecg_options.ecg_logit_lr_mult)
     finding_tokens: Optional[FindingTextTokens] = None  # --ecg-finding-texts, set by parse_args
+    run_args = argparse.Namespace(resume=None)  # open_clip_train's args, set by parse_args
 
     def parse_args(raw_args):
         # open_clip_train's flags, checked with the --ecg-* ones; args.ecg carries the latter
         args = upstream_parse_args(raw_args)
         resolve_run_args(args, ecg_options, argv)
-        nonlocal finding_tokens
+        nonlocal finding_tokens, run_args
         finding_tokens = finding_text_tokens(args)
+        run_args = args
         return args
 
     def create_model_and_transforms(*args, **kwargs):
-        # initial values only: --resume and --pretrained weights replace them
+        # initial values only: --resume and --pretrained weights replace them; a --resume checkpoint
+        # (already resolved by main) is checked against the model and the recipe before main loads it
         kwargs["init_logit_bias"] = ecg_options.ecg_init_logit_bias
         kwargs["init_logit_scale"] = float(np.log(ecg_options.ecg_init_logit_scale))
         try:
@@ -108,6 +116,8 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
             if pretrained:
                 raise_if_checkpoint_does_not_fit(name, pretrained, err)
             raise
+        if run_args.resume and os.path.isfile(run_args.resume):  # main resolved --resume latest before this
+            check_resume(run_args.resume, run_args.model, model, ecg_options, current_preprocess_cfg(run_args))
         amplifier.watch(model)
         model.lock_image_tower = types.MethodType(_lock_image_tower_1d, model)  # main calls it for --lock-image
         return enable_label_passing(model, finding_tokens), preprocess_train, preprocess_val
@@ -123,11 +133,12 @@ def open_clip_seams(ecg_options: argparse.Namespace, argv: List[str]):
                          + (", log-odds offsets (--ecg-finding-prior)" if args.ecg.ecg_finding_prior else ""))
             for name, reason in finding_texts.skipped:
                 logging.info(f"--ecg-finding-groups: no text for {name!r}: {reason}")
-        return MultiLabelSigLipLoss(
+        loss = MultiLabelSigLipLoss(
             targets=args.ecg.ecg_targets, rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl,
             finding_targets=finding_targets,
             finding_members=finding_tokens.finding_texts.members() if finding_targets else None,
             finding_weight=args.ecg.ecg_finding_weight, finding_prior=args.ecg.ecg_finding_prior)
+        return FiniteLossCheck(loss, args.accum_freq)  # a NaN loss stops the run before any checkpoint
 
     replacements = [
         (compat.PARSE_ARGS, parse_args),
