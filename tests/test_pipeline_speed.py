@@ -244,3 +244,21 @@ def test_rr_channels_come_from_the_recorded_signal_whatever_the_normalisation():
     for mode in ("center", "zscore", "none"):
         out = build_ecg_transform(train=False, n_samples=1000, normalize=mode, rr_sampling_rate=RATE)(signal)
         torch.testing.assert_close(out[12:], expected, rtol=0, atol=0)
+
+
+def test_the_shards_command_stores_beats_when_asked(tmp_path):
+    """`open-clip-ecg shards --beats` as a user runs it: the manifest names the detector, samples carry beats."""
+    import os
+    import subprocess
+    import sys
+
+    csv_path = write_synthetic_dataset(tmp_path / "records", n=6, seed=5, progress=False)
+    for flags, beats in ((["--beats"], rhythm.BEAT_DETECTOR), ([], None)):
+        out = tmp_path / f"shards{len(flags)}"
+        result = subprocess.run([sys.executable, "-m", "open_clip_ecg.cli", "shards", "--format", "csv", "--input",
+                                 str(csv_path), "--output", str(out), "--sampling-rate", "100", "--split-by", "random",
+                                 "--val-fraction", "0", "--test-fraction", "0", "--no-progress", *flags],
+                                capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert json.loads((out / "manifest.json").read_text())["options"]["beats"] == beats
+        assert all(("beats" in s) == bool(beats) for s in iterate_samples(str(out / "train-000000.tar")))
