@@ -5,6 +5,7 @@ classify, baselines, quickstart); here each documented line is checked against t
 parsers, so a renamed flag or subcommand breaks the build instead of the documentation.
 """
 import argparse
+import functools
 import importlib
 import os
 import re
@@ -42,6 +43,13 @@ def _commands(path=README):
     return commands
 
 
+@functools.lru_cache(maxsize=None)
+def _script_help(script: str) -> str:
+    """A script's --help, read once per test process (several documented commands run one script)."""
+    return subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _documented_commands():
     return [(path.relative_to(ROOT).as_posix(), command) for path in [README, *DOCS] for command in _commands(path)]
 
@@ -69,7 +77,7 @@ def _parse_train(args):
 def test_readme_has_the_required_commands():
     readme = _commands()
     assert 'pip install -e ".[test]"' in readme
-    assert "python -m pytest -q tests --durations=25" in readme
+    assert "python -m pytest -q tests -n 2 --dist loadfile --durations=25" in readme
     for sub in ("quickstart", "classify", "shards", "evaluate", "export"):
         assert any(c.startswith(f"open-clip-ecg {sub} ") for c in readme), sub
     assert any(c.startswith("torchrun ") for c in readme)
@@ -102,8 +110,7 @@ def test_documented_command_parses(where, command, pytestconfig):
         _parse_train(words[words.index("open_clip_ecg.train") + 1:])
     elif words[0] == "python" and words[1].startswith("scripts/"):
         # every flag a document passes to a script is one its --help lists
-        help_text = subprocess.run([sys.executable, str(ROOT / words[1]), "--help"],
-                                   capture_output=True, text=True, check=True).stdout
+        help_text = _script_help(words[1])
         for flag in (w for w in words[2:] if w.startswith("--")):
             assert flag in help_text, f"{words[1]} has no {flag}"
     elif words[0] == "bash" and words[1].startswith("scripts/"):
