@@ -15,6 +15,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Under pytest-xdist (CI runs -n 2 on 2 cores) each worker, and every command it starts, gets its share
+# of the cores: torch would otherwise start one thread per core in every worker and oversubscribe them.
+# Set before anything imports torch (xdist sets the variable before this file is imported).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, _threads)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("OPEN_CLIP_ECG_SHARED_DATA", REPO.parent / "shared" / "data"))
