@@ -22,8 +22,6 @@ process CPU time; on CUDA, wall clock with synchronisation.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmarks, also when loaded by path
-from bench_zeroshot import MODEL, _Clock  # noqa: E402  (the same clock and model as the zero-shot benchmark)
+from bench_zeroshot import MODEL, _Clock, run_from_command_line  # noqa: E402  (the same clock and model as the zero-shot benchmark)
 
 
 def run(quick: bool = False, device: str = "cpu") -> dict:
@@ -100,11 +98,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 records instead of 256")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick, device=args.device), indent=2))
+    run_from_command_line(run, __doc__)
 
 
 if __name__ == "__main__":

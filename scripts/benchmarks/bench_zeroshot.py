@@ -121,12 +121,17 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_from_command_line(run_fn, doc: str) -> None:
+    """The command line of a benchmark over 256 records (`--quick`: 32) on one `--device`; prints its JSON."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="32 records instead of 256")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(json.dumps(run(quick=args.quick, device=args.device), indent=2))
+    print(json.dumps(run_fn(quick=args.quick, device=args.device), indent=2))
+
+
+def main() -> None:
+    run_from_command_line(run, __doc__)
 
 
 if __name__ == "__main__":
