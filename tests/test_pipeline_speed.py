@@ -4,6 +4,7 @@ designed once per rate, tokens cached for repeated texts."""
 import json
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 
@@ -262,3 +263,64 @@ def test_the_shards_command_stores_beats_when_asked(tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         assert json.loads((out / "manifest.json").read_text())["options"]["beats"] == beats
         assert all(("beats" in s) == bool(beats) for s in iterate_samples(str(out / "train-000000.tar")))
+
+
+# Texts whose parts meet the composition's edges: punctuation runs across a space, HTML entities,
+# non-ASCII and control characters, mojibake, a report longer than the context.
+TRICKY_PARTS = [
+    ("an ECG showing left bundle branch block (LBBB), sinus rhythm and AV block.", "Sinusrhythmus. Linkstyp."),
+    ("ECG: 1st degree AV block.", "QRS < 120 ms &amp; PR > 200ms; patient's ECG"),
+    ("ECG with a&b.", "report"),
+    ("the ECG demonstrates ST elevation.", "Ã¼berdrehter Linkstyp, mÃ¶glicher Infarkt"),
+    ("sinus  rhythm\u00e9.", "tail"),
+    ("ECG with\tnormal ecg.", "\x1b[31m red"),
+    ("findings", "'s 're 've 12,5 mV — ok ... " * 20),
+    ("ECG.", "Sinus rhythm. Normal ECG.", "third part"),
+    # split at their spaces these change: ftfy repairs "Ã ©" (a mojibake "é") only whole, and
+    # ftfy's HTML unescaping depends on a "<" anywhere in the text
+    ("Ã ©", "report"),
+    ("x &amp;amp;lt; y", "a < b"),
+]
+
+
+def test_joined_parts_tokenise_exactly_as_the_joined_text():
+    """CachedTokenizer.joined builds tokens from cached word encodings: they must equal open_clip's
+    tokens of the whole text, edges and truncation included, on a second (cached) call too."""
+    tokenizer = open_clip.get_tokenizer("ECG-RN18-CLIPText")
+    tokens = CachedTokenizer(tokenizer)
+    for _ in range(2):
+        for parts in TRICKY_PARTS:
+            assert torch.equal(tokens.joined(parts), tokenizer(" ".join(parts))[0]), parts
+    assert tokens.encodings, "the composing path was not taken"
+
+
+def test_joined_falls_back_to_the_whole_text_for_other_tokenizers():
+    seen = []
+
+    def tokenizer(text):
+        seen.append(text)
+        return torch.tensor([[len(text), 7]])
+
+    tokens = CachedTokenizer(tokenizer)
+    assert torch.equal(tokens.joined(("ab", "cde")), torch.tensor([6, 7]))
+    assert seen == ["ab cde"] and not tokens.encodings
+
+
+def test_sampled_texts_of_real_reports_tokenise_exactly(ptbxl2k_dir):
+    """Every sampled text kind over the real PTB-XL reports (German, umlauts, abbreviations)."""
+    import csv
+    import random
+
+    from open_clip_ecg.data.text import TrainingTextSampler
+
+    with open(ptbxl2k_dir / "scp_statements.csv", encoding="utf-8") as f:
+        names = [row["description"] for row in csv.DictReader(f)]
+    with open(ptbxl2k_dir / "ptbxl_database.csv", encoding="utf-8") as f:
+        reports = [row["report"] for row in csv.DictReader(f)]
+    tokenizer = open_clip.get_tokenizer("ECG-RN18-CLIPText")
+    tokens, sampler, draw = CachedTokenizer(tokenizer), TrainingTextSampler(names, seed=0), random.Random(0)
+    for report in reports:
+        ids = draw.sample(range(len(names)), draw.randint(1, 6))
+        for _ in range(2):
+            parts, _ = sampler.parts("stored", report, ids)
+            assert torch.equal(tokens.joined(parts), tokenizer(" ".join(parts))[0]), parts

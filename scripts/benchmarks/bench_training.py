@@ -10,7 +10,8 @@ Ratios, all measured in this one run:
 
 The PTB-XL recipe the quickstart trains (``ECG-RN18-RR-CLIPText``: 12 leads + RR channels at
 100 Hz, 5 s crops, texts sampled per step; on the PTB-XL records of ``--ptbxl`` when present,
-else synthetic records), per core, interleaved rounds, best round of each:
+else synthetic records), per core (samples per CPU second of one process, one thread, no
+workers), interleaved rounds, best round of each:
 
 * ``rr_recipe_vs_plain_per_core``: samples/s of the recipe's loader over the plain 12-lead
   preparer's (stored text; aim >= 0.8);
@@ -198,6 +199,9 @@ def _todays_path():
         def __call__(self, text):
             return self.tokenizer(text)[0]
 
+        def joined(self, parts):
+            return self(" ".join(parts))
+
     with mock.patch.object(rhythm, "qrs_filter", rhythm.qrs_filter.__wrapped__), \
             mock.patch.object(pipeline, "CachedTokenizer", Uncached), \
             mock.patch.object(transforms, "_lower_median", lambda x: x.median(dim=-1, keepdim=True).values), \
@@ -219,15 +223,17 @@ def _recipe_parts(shards, recipe: bool) -> tuple:
 
 
 def _prepare_rates(shards, recipe: bool, epochs: int) -> list:
-    """Samples/s of reading, decoding and preparing every sample of `shards` in this process, per
-    epoch (one prepare stage across epochs, as a loader worker keeps it)."""
+    """Samples per CPU second of reading, decoding and preparing every sample of `shards` in this
+    process, per epoch (one prepare stage across epochs, as a loader worker keeps it). CPU time,
+    not wall time: "per core" is what one core's work delivers, and on a shared machine wall time
+    also counts the time other processes held the core."""
     pair = ContrastivePair(*_recipe_parts(shards, recipe))
     rates = []
     for _ in range(epochs):
-        start, n = time.perf_counter(), 0
+        start, n = time.process_time(), 0
         for _ in wds.DataPipeline(wds.SimpleShardList(shards), read_tar(), decode(), wds.map(pair)):
             n += 1
-        rates.append(n / (time.perf_counter() - start))
+        rates.append(n / (time.process_time() - start))
     return rates
 
 
@@ -248,7 +254,7 @@ def _loader_rate(shards, batch_size, workers, n_batches) -> float:
 
 
 def recipe_pipeline_rates(shards_with_beats, older_shards, rounds) -> dict:
-    """Per-core samples/s (no workers, one thread) of the plain preparer, today's recipe path, the
+    """Per-core samples per CPU second (no workers, one thread) of the plain preparer, today's recipe path, the
     recipe on older shards and the recipe, in a first epoch and a second one (the token cache
     warm, as in every epoch after the first); interleaved rounds, the best of each (a shared
     machine slows some rounds, never speeds one up)."""

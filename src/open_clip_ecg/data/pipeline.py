@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 import torch
 import webdataset as wds
+from open_clip.tokenizer import SimpleTokenizer
 
 from ..compat import (  # open_clip_train's, reused as-is: epoch sync and deterministic shard shuffling
     DataInfo,
@@ -265,13 +266,17 @@ class ECGSamplePreparer:
                                              amplitude_scale=amplitude_scale, lead_dropout=lead_dropout,
                                              rr_sampling_rate=sampling_rate if with_rr else None)
         self.stored_beats_fit = with_rr and list(leads) == BEAT_DETECTOR["leads"]
-        if self.stored_beats_fit:  # the RR step comes first (build_ecg_transform): fed the stored beats
-            self.append_rr, self.after_rr = self.transform.transforms[0], Compose(self.transform.transforms[1:])
+        if self.stored_beats_fit:  # build_ecg_transform's first steps: append RR, normalise the leads
+            append_rr, normalize_leads, *after = self.transform.transforms
+            # with stored beats the leads are normalised first, then the channels appended: the
+            # same values without splitting and re-joining the channels
+            self.append_rr, self.normalize_leads, self.after_rr = append_rr, normalize_leads.transform, Compose(after)
 
     def ecg(self, sample: Dict) -> torch.Tensor:
         signal = torch.from_numpy(sample["ecg"][self.lead_index])
         if self.stored_beats_fit and "beats" in sample:
-            return torch.as_tensor(self.after_rr(self.append_rr(signal, sample["beats"])), dtype=torch.float32)
+            leads = self.normalize_leads(signal)
+            return torch.as_tensor(self.after_rr(self.append_rr(leads, sample["beats"])), dtype=torch.float32)
         return torch.as_tensor(self.transform(signal), dtype=torch.float32)
 
     def multi_hot(self, sample: Dict) -> torch.Tensor:
@@ -284,22 +289,67 @@ class ECGSamplePreparer:
 class CachedTokenizer:
     """A tokenizer that keeps the tokens of the last `size` distinct texts: training texts repeat
     (every stored text each epoch, the short finding sentences many times per epoch) and
-    tokenising is a third of preparing a sample. A class so workers can pickle it."""
+    tokenising is a third of preparing a sample. A class so workers can pickle it.
+
+    :meth:`joined` tokenises a text given as parts joined by one space (a sampled text: findings
+    phrase in a random order and template, then the report, a combination that rarely repeats)
+    from cached encodings of its words, when that is exactly what tokenising the joined text
+    gives: with open_clip's BPE tokenizer (no reduction), a space ends every word and cleaning
+    (ftfy, HTML entities, whitespace, lower case) acts within a word of printable ASCII without
+    ``&``. Such parts are encoded word by word; another part is encoded whole, and only as the last
+    one (ftfy's encoding repair then sees only its characters). Otherwise the joined text is
+    tokenised as one."""
 
     def __init__(self, tokenizer: Callable, size: int = 32768):
         self.tokenizer, self.size = tokenizer, size
         self.cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.encodings: Dict[str, List[int]] = {}  # word (or whole last part) -> BPE ids
+        self.composable = isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None
 
     def __call__(self, text: str) -> torch.Tensor:
         """The ``[context]`` tokens of one text."""
-        tokens = self.cache.get(text)
-        if tokens is None:
-            tokens = self.cache[text] = self.tokenizer(text)[0]
-            if len(self.cache) > self.size:
-                self.cache.popitem(last=False)
+        return self._cached(self.cache, text, lambda: self.tokenizer(text)[0])
+
+    def joined(self, parts: Sequence[str]) -> torch.Tensor:
+        """The tokens of ``" ".join(parts)``, equal to ``self(" ".join(parts))``."""
+        by_word = [_plain_words(part) for part in parts]
+        if not self.composable or not all(by_word[:-1]):
+            return self(" ".join(parts))
+        if len(parts) == 1:  # a text on its own repeats (a report, a short findings phrase)
+            return self._cached(self.cache, parts[0], lambda: self._composed(parts, by_word))
+        return self._composed(parts, by_word)
+
+    def _composed(self, parts: Sequence[str], by_word: Sequence[bool]) -> torch.Tensor:
+        tok, words = self.tokenizer, self.encodings
+        ids = [tok.sot_token_id]
+        for part, plain in zip(parts, by_word):
+            for piece in (part.split(" ") if plain else (part,)):
+                encoded = words.get(piece)
+                if encoded is None:
+                    if len(words) >= self.size:  # words rarely outgrow it; start afresh if they do
+                        words.clear()
+                    encoded = words[piece] = tok.encode(piece)
+                ids += encoded
+        ids.append(tok.eot_token_id)
+        if len(ids) > tok.context_length:  # open_clip's truncation: cut, then end with EOT
+            ids = ids[:tok.context_length]
+            ids[-1] = tok.eot_token_id
+        return torch.tensor(ids + [0] * (tok.context_length - len(ids)), dtype=torch.long)
+
+    def _cached(self, cache: OrderedDict, key: str, compute: Callable):
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = compute()
+            if len(cache) > self.size:
+                cache.popitem(last=False)
         else:
-            self.cache.move_to_end(text)
-        return tokens
+            cache.move_to_end(key)
+        return value
+
+
+def _plain_words(text: str) -> bool:
+    """Printable ASCII without ``&``: open_clip's cleaning cannot act across its spaces."""
+    return text.isascii() and text.isprintable() and "&" not in text
 
 
 class ContrastivePair:
@@ -318,11 +368,14 @@ class ContrastivePair:
     def __call__(self, sample: Dict):
         labels = self.preparer.multi_hot(sample)
         if self.text_sampler is None:
-            text, text_labels = sample["text"], labels
+            tokens, text_labels = self.tokens(sample["text"]), labels
         else:
-            text, stated = self.text_sampler(sample["text"], sample["meta"].get("report"), sample["label_ids"])
-            text_labels = labels_to_multi_hot(stated, len(labels))
-        return self.preparer.ecg(sample), pack_text_and_labels(self.tokens(text), labels, text_labels)
+            parts, stated = self.text_sampler.parts(sample["text"], sample["meta"].get("report"), sample["label_ids"])
+            # a text stating all the ECG's findings (three kinds of four) shares its multi-hot
+            all_stated = len(stated) == len(set(sample["label_ids"]))
+            text_labels = labels if all_stated else labels_to_multi_hot(stated, len(labels))
+            tokens = self.tokens.joined(parts)
+        return self.preparer.ecg(sample), pack_text_and_labels(tokens, labels, text_labels)
 
 
 def _collate_pairs(samples):

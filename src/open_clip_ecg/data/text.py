@@ -18,6 +18,7 @@ the English finding names instead of using the stored text (``--ecg-text sampled
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -131,6 +132,7 @@ class TrainingTextSampler:
                              f"({', '.join(SAMPLED_TEXT_KINDS)}) with a positive sum, got {list(weights)}")
         self.names_by_id = [_finding_name(name) for name in names_by_id]
         self.weights = [float(w) for w in weights]
+        self.cum_weights = list(itertools.accumulate(self.weights))
         self._random = _ProcessRandom(seed)
 
     @property
@@ -138,21 +140,28 @@ class TrainingTextSampler:
         return self._random.get()
 
     def __call__(self, stored_text: str, report: Optional[str], label_ids: Sequence[int]) -> Tuple[str, List[int]]:
+        parts, ids = self.parts(stored_text, report, label_ids)
+        return " ".join(parts), ids
+
+    def parts(self, stored_text: str, report: Optional[str], label_ids: Sequence[int]) -> Tuple[Tuple[str, ...], List[int]]:
+        """The text as the parts it joins with one space (findings phrase, report), and its stated
+        label ids: a tokenizer can cache each part, where the joined ``both`` text rarely repeats."""
         report = (report or "").strip()
         ids = list(dict.fromkeys(int(i) for i in label_ids))
-        kind = self.rng.choices(SAMPLED_TEXT_KINDS, weights=self.weights)[0]
+        rng = self.rng
+        kind = rng.choices(SAMPLED_TEXT_KINDS, cum_weights=self.cum_weights)[0]  # = weights=self.weights
         if not ids:
-            return (report or stored_text), ids
+            return (report or stored_text,), ids
         if kind == "report" and report:
-            return report, ids
+            return (report,), ids
         if kind == "subset":
-            ids = self.rng.sample(ids, self.rng.randint(1, len(ids)))
+            ids = rng.sample(ids, rng.randint(1, len(ids)))
         else:
-            ids = self.rng.sample(ids, len(ids))  # random order
-        findings = self.rng.choice(FINDING_TEMPLATES).format(join_findings([self.names_by_id[i] for i in ids]))
+            ids = rng.sample(ids, len(ids))  # random order
+        findings = rng.choice(FINDING_TEMPLATES).format(join_findings([self.names_by_id[i] for i in ids]))
         if kind == "both" and report:
-            return f"{findings} {report}", sorted(ids)
-        return findings, sorted(ids)
+            return (findings, report), sorted(ids)
+        return (findings,), sorted(ids)
 
 
 class FindingTexts:
