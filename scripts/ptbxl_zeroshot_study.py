@@ -40,7 +40,7 @@ import json
 import math
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import open_clip
@@ -50,6 +50,7 @@ from open_clip_ecg.atomic import write_atomic, write_json_atomic, write_text_ato
 from open_clip_ecg.baselines import (answer_from_statements, evaluate_supervised, load_supervised, predict_supervised,
                                     score_supervised, train_supervised)
 from open_clip_ecg.data.manifest import count_samples, read_shard_info
+from open_clip_ecg.data.pipeline import iterate_samples
 from open_clip_ecg.data.readers import get_reader
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 from open_clip_ecg.embed import embed_shards, resolve_shards
@@ -68,9 +69,12 @@ GENERALIST_TASK = "ptbxl-all"  # the one supervised model for every statement (s
 AF = "AFIB"
 
 # Training settings compared on fold 7: what issue #9 found (stored text, bias -4) and each fix.
+# The ablations' keys (embed_dim, crop_seconds, batch_size, lr, warmup) default to None: the model
+# config's embedding dimension and the study's --crop-seconds, --batch-size, --lr and --warmup.
 BASE = {"model": "ECG-RN18-CLIPText", "text": "stored", "bias": "-4", "scale": 10, "logit_lr_mult": 1,
         "lock_text": False, "finding_texts": "off", "finding_groups": [], "finding_weight": 1,
-        "finding_prior": False}
+        "finding_prior": False, "embed_dim": None, "crop_seconds": None, "batch_size": None, "lr": None,
+        "warmup": None}
 SELECTION = {
     "stored-text": {},
     "sampled-text": {"text": "sampled"},
@@ -115,6 +119,17 @@ SELECTION = {
         "finding_groups": ["ptbxl-super", "ptbxl-sub"], "finding_weight": 4, "finding_prior": True},
 }
 
+# The current PTB-XL recipe (fold 7's winner above): the reference each ablation changes one thing of.
+REFERENCE = "sampled-text+finding-texts-contains+groups+weight4+prior+rr"
+# The paper's design claims (issue 25), as changes to the reference: {ablation: {label: (suffix, change)}};
+# a variant's setting is named "<reference>+<suffix>". The reference row itself is the unchanged recipe.
+ABLATIONS = {
+    "embed-dim": {"128": ("dim128", {"embed_dim": 128}), "512": ("dim512", {"embed_dim": 512})},
+    "crop": {"none (the whole 10 s record)": ("crop10", {"crop_seconds": 10.0}),
+             "2.5 s random crops": ("crop2.5", {"crop_seconds": 2.5})},
+}
+CINC_TASK = "ptbxl-cinc-shared"  # the crop ablation's other institution: findings both label systems name
+
 
 def run_name(setting: str, targets: str, seed: int) -> str:
     """A zero-shot training run's name: its logs folder and its cached fold-8 scores."""
@@ -148,8 +163,10 @@ class Study:
             shard_size=self.args.shard_size, workers=2))
 
     def train_shards(self, n_shards: Optional[int] = None) -> List[str]:
-        """The training shards, or the first `n_shards` of them (the learning curve's subsets)."""
+        """The training shards, or the first `n_shards` of them (the learning curve's subsets;
+        default ``--train-shards``)."""
         shards = resolve_shards(self.shards, "train")
+        n_shards = self.args.train_shards if n_shards is None else n_shards
         return shards if n_shards is None else shards[:n_shards]
 
     def checkpoint(self, name: str, epoch: int) -> str:
@@ -166,13 +183,14 @@ class Study:
         checkpoint = self.checkpoint(name, epoch or a.epochs)
         if os.path.exists(checkpoint) and os.path.exists(self.checkpoint(name, a.epochs)):
             return checkpoint
-        flags = ["--model", setting["model"], "--train-data", "::".join(self.train_shards(n_shards)),
-                 "--batch-size", str(a.batch_size), "--epochs", str(a.epochs), "--lr", str(a.lr),
-                 "--warmup", str(a.warmup), "--wd", "0.05", "--workers", str(a.workers), "--seed", str(seed),
+        flags = ["--model", self.model_name(setting), "--train-data", "::".join(self.train_shards(n_shards)),
+                 "--batch-size", str(self.value(setting, "batch_size")), "--epochs", str(a.epochs),
+                 "--lr", str(self.value(setting, "lr")), "--warmup", str(self.value(setting, "warmup")),
+                 "--wd", "0.05", "--workers", str(a.workers), "--seed", str(seed),
                  "--logs", os.path.join(a.out, "logs"), "--name", name, "--resume", "latest",
                  "--precision", "fp32", "--log-every-n-steps", "10",
                  "--save-frequency", str(math.gcd(a.epochs, *a.select_epochs)),
-                 "--ecg-targets", targets, "--ecg-seconds", str(a.crop_seconds),
+                 "--ecg-targets", targets, "--ecg-seconds", str(self.value(setting, "crop_seconds")),
                  "--ecg-text", setting["text"], "--ecg-init-logit-bias", str(setting["bias"]),
                  "--ecg-init-logit-scale", str(setting["scale"]),
                  "--ecg-logit-lr-mult", str(setting["logit_lr_mult"]),
@@ -188,6 +206,27 @@ class Study:
         if train_main(flags) != 0:
             raise RuntimeError(f"training {name} failed; see {os.path.join(a.out, 'logs', name, 'out.log')}")
         return checkpoint
+
+    def value(self, setting: Dict, key: str):
+        """A training value of `setting`: its own, else the study's option of that name (the
+        embedding dimension: the model config's)."""
+        if setting.get(key) is not None:
+            return setting[key]
+        return open_clip.get_model_config(setting["model"])[key] if key == "embed_dim" else getattr(self.args, key)
+
+    def model_name(self, setting: Dict) -> str:
+        """The setting's open_clip model: its config, or a copy with another ``embed_dim`` (both
+        projections), written to OUT/model_configs and registered with open_clip in this process."""
+        if setting.get("embed_dim") is None:
+            return setting["model"]
+        name = f"{setting['model']}-D{setting['embed_dim']}"
+        if open_clip.get_model_config(name) is None:
+            config = {**open_clip.get_model_config(setting["model"]), "embed_dim": int(setting["embed_dim"])}
+            path = os.path.join(self.args.out, "model_configs", f"{name}.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_json_atomic(path, config, indent=4)
+            open_clip.add_model_config(path)
+        return name
 
     # ---------------------------------------------------------------- scoring
     def embeddings(self, model_name: str, checkpoint: str):
@@ -219,41 +258,46 @@ class Study:
         per-task`` (the default), each task takes the epoch and scoring rule best for it on fold 7,
         as the supervised baseline has its own model and epoch per task; with ``overall`` every task
         takes the setting's best row."""
-        rows = []
-        for name, change in self.args.selection.items():
-            path = os.path.join(self.cache, f"selection-{name}.json")
-            if os.path.exists(path):
-                with open(path, encoding="utf-8") as f:
-                    rows += json.load(f)
-                continue
-            setting = {**BASE, **change}
-            run = run_name(name, "jaccard", self.args.seeds[0])
-            self.train(run, setting, "jaccard", self.args.seeds[0])
-            epochs = {self.checkpoint(run, epoch): epoch for epoch in self.args.select_epochs}
-            _, candidates = choose_on_validation(setting["model"], list(epochs), self.shards, "val", TASKS,
-                                                 self.args.rules_grid)
-            setting_rows = []
-            # candidates come checkpoint by checkpoint, rules by rules, one row per task
-            for (checkpoint, *rules), group in itertools.groupby(
-                    candidates, key=lambda c: (c["checkpoint"], c["names"], c["aggregate"], c["scoring"])):
-                aurocs = {c["task"]: c["val_macro_auroc"] for c in group}
-                setting_rows.append({"setting": name, **setting, "epoch": epochs[checkpoint],
-                                     **dict(zip(("names", "aggregate", "scoring"), rules)),
-                                     "fold7_macro_auroc": aurocs,
-                                     "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None]))})
-                print(f"fold 7 {name:30s} epoch {epochs[checkpoint]:3d} {' '.join(rules):30s} "
-                      f"mean {setting_rows[-1]['fold7_mean']:.3f}", flush=True)
-            write_json_atomic(path, setting_rows, indent=2)
-            rows += setting_rows
+        rows = [row for name, change in self.args.selection.items()
+                for row in self.setting_rows(name, {**BASE, **change})]
         best = max(rows, key=lambda r: r["fold7_mean"])
-        own = [r for r in rows if r["setting"] == best["setting"]]
+        return {"rows": rows, "best": best, "choices": self.choose([r for r in rows if r["setting"] == best["setting"]])}
+
+    def setting_rows(self, name: str, setting: Dict) -> List[Dict]:
+        """Fold-7 rows of one setting (its first seed, jaccard targets): one per training length x
+        scoring rule, with each task's macro AUROC and their mean; computed once, then cached."""
+        path = os.path.join(self.cache, f"selection-{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        run = run_name(name, "jaccard", self.args.seeds[0])
+        self.train(run, setting, "jaccard", self.args.seeds[0])
+        epochs = {self.checkpoint(run, epoch): epoch for epoch in self.args.select_epochs}
+        _, candidates = choose_on_validation(self.model_name(setting), list(epochs), self.shards, "val", TASKS,
+                                             self.args.rules_grid)
+        rows = []
+        # candidates come checkpoint by checkpoint, rules by rules, one row per task
+        for (checkpoint, *rules), group in itertools.groupby(
+                candidates, key=lambda c: (c["checkpoint"], c["names"], c["aggregate"], c["scoring"])):
+            aurocs = {c["task"]: c["val_macro_auroc"] for c in group}
+            rows.append({"setting": name, **setting, "epoch": epochs[checkpoint],
+                         **dict(zip(("names", "aggregate", "scoring"), rules)),
+                         "fold7_macro_auroc": aurocs,
+                         "fold7_mean": float(np.mean([v for v in aurocs.values() if v is not None]))})
+            print(f"fold 7 {name:30s} epoch {epochs[checkpoint]:3d} {' '.join(rules):30s} "
+                  f"mean {rows[-1]['fold7_mean']:.3f}", flush=True)
+        write_json_atomic(path, rows, indent=2)
+        return rows
+
+    def choose(self, rows: List[Dict]) -> Dict:
+        """{task: epoch and scoring rule} from one setting's fold-7 rows (``--choose``)."""
+        best = max(rows, key=lambda r: r["fold7_mean"])
         chosen = {task_name: best if self.args.choose == "overall" else
-                  max(own, key=lambda r: r["fold7_macro_auroc"][task_name] or 0.0) for task_name in TASKS}
-        choices = {task_name: {"epoch": r.get("epoch", self.args.epochs), "names": r["names"],
-                               "aggregate": r["aggregate"], "scoring": r["scoring"],
-                               "fold7_macro_auroc": r["fold7_macro_auroc"][task_name]}
-                   for task_name, r in chosen.items()}
-        return {"rows": rows, "best": best, "choices": choices}
+                  max(rows, key=lambda r: r["fold7_macro_auroc"][task_name] or 0.0) for task_name in TASKS}
+        return {task_name: {"epoch": r.get("epoch", self.args.epochs), "names": r["names"],
+                            "aggregate": r["aggregate"], "scoring": r["scoring"],
+                            "fold7_macro_auroc": r["fold7_macro_auroc"][task_name]}
+                for task_name, r in chosen.items()}
 
     def task_scores(self, name: str, setting: Dict, targets: str, seed: int, choices: Dict, splits,
                     n_shards: Optional[int] = None):
@@ -264,17 +308,17 @@ class Study:
             choice = choices[task_name]
             if choice["epoch"] not in loaded:
                 checkpoint = self.train(name, setting, targets, seed, n_shards, choice["epoch"])
-                loaded[choice["epoch"]] = self.embeddings(setting["model"], checkpoint)
+                loaded[choice["epoch"]] = self.embeddings(self.model_name(setting), checkpoint)
             model, tokenizer, embedded = loaded[choice["epoch"]]
             rules = ScoringRules(choice["names"], choice["aggregate"], choice["scoring"])
             yield self.evaluate(model, tokenizer, embedded, task_name, rules, splits)
 
-    def seeds(self, best: Dict, choices: Dict) -> Dict:
-        """Every target x seed with the winner's setting and per-task choices, scored on fold 8 once
-        (scores are cached with the choices they were made under)."""
+    def seeds(self, best: Dict, choices: Dict, targets_list: Optional[Sequence[str]] = None) -> Dict:
+        """Every target (``--targets`` unless given) x seed with the winner's setting and per-task
+        choices, scored on fold 8 once (scores are cached with the choices they were made under)."""
         setting = setting_of(best)
         runs = {}
-        for targets, seed in itertools.product(self.args.targets, self.args.seeds):
+        for targets, seed in itertools.product(targets_list or self.args.targets, self.args.seeds):
             name = run_name(best["setting"], targets, seed)
             scored, path = (os.path.join(self.cache, f"{name}{ext}") for ext in (".json", ".npz"))
             if os.path.exists(scored) and os.path.exists(path):
@@ -293,6 +337,95 @@ class Study:
             _write_npz(path, arrays)
             write_json_atomic(scored, runs[name], indent=2)
         return runs
+
+    # ---------------------------------------------------------------- ablations (issue 25)
+    def variants(self, ablation: str) -> List[Dict]:
+        """The reference and its variants for one ablation: label, setting name and setting, and the
+        targets trained (the loss ablation: ``--targets`` at ``--batch-size`` and ``--large-batch``
+        under each of ``--loss-recipes``). A variant equal to its reference is left out."""
+        a = self.args
+        reference = {**BASE, **SELECTION[a.reference]}
+        if ablation == "loss":
+            rows = []
+            for recipe in a.loss_recipes:
+                for batch in dict.fromkeys((a.batch_size, a.large_batch)):
+                    name, setting = recipe, {**BASE, **SELECTION[recipe]}
+                    if batch != a.batch_size:  # square-root learning-rate scaling, warmup kept in samples
+                        name = f"{recipe}+batch{batch}"
+                        setting.update(batch_size=batch, lr=a.lr * math.sqrt(batch / a.batch_size),
+                                       warmup=max(1, round(a.warmup * a.batch_size / batch)))
+                    rows.append({"label": f"{recipe}, batch {batch}", "name": name, "setting": setting,
+                                 "targets": list(a.targets), "recipe": recipe, "batch": batch})
+            return rows
+        described = {"embed-dim": f"{self.value(reference, 'embed_dim')}",
+                     "crop": f"{self.value(reference, 'crop_seconds'):g} s random crops"}[ablation]
+        rows = [{"label": f"{described} (reference)", "name": a.reference, "setting": reference, "targets": ["jaccard"]}]
+        for label, (suffix, change) in ABLATIONS[ablation].items():
+            setting = {**reference, **change}
+            if any(self.value(setting, key) != self.value(reference, key) for key in change):
+                rows.append({"label": label, "name": f"{a.reference}+{suffix}", "setting": setting,
+                             "targets": ["jaccard"]})
+        return rows
+
+    def ablations(self) -> Dict:
+        """Each ``--ablations`` variant under the study's protocol: its own fold-7 choice of epoch
+        and scoring rule (first seed), then every seed scored on fold 8 once."""
+        out = {}
+        for ablation in self.args.ablations:
+            out[ablation] = []
+            for variant in self.variants(ablation):
+                choices = self.choose(self.setting_rows(variant["name"], variant["setting"]))
+                runs = self.seeds({"setting": variant["name"], **variant["setting"]}, choices, variant["targets"])
+                out[ablation].append({**variant, "choices": choices, "runs": runs})
+                if ablation == "crop" and self.args.cinc:
+                    out[ablation][-1]["cinc"] = self.cinc_scores(variant["name"], variant["setting"])
+        return out
+
+    def cinc_shards(self) -> str:
+        """The Challenge records of ``--cinc`` from other institutions as 100 Hz, 10 s shards (the
+        PTB-XL-derived ``HR*`` records are left out: same institution, one of them in fold 7)."""
+        folder = os.path.join(self.args.out, "cinc-shards")
+        if not os.path.exists(os.path.join(folder, "manifest.json")):
+            records = os.path.join(self.args.out, "cinc-records")
+            os.makedirs(records, exist_ok=True)
+            for entry in sorted(os.listdir(self.args.cinc)):
+                if entry.endswith((".hea", ".mat")) and not entry.startswith("HR"):
+                    link = os.path.join(records, entry)
+                    if not os.path.lexists(link):
+                        os.symlink(os.path.abspath(os.path.join(self.args.cinc, entry)), link)
+            write_shards(get_reader("cinc", records), folder, ShardOptions(
+                sampling_rate=100, seconds=10, split_by="random", val_fraction=0.0, test_fraction=0.0,
+                text="labels", shard_size=self.args.shard_size))
+        return folder
+
+    def cinc_scores(self, name: str, setting: Dict) -> Dict:
+        """Macro AUROC on the other institutions' records (:data:`CINC_TASK`) per seed, the epoch and
+        scoring rule chosen for that task on fold 7 (first seed); scores kept for paired differences."""
+        path = os.path.join(self.cache, f"cinc-{name}.json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+        a, model_name = self.args, self.model_name(setting)
+        first = run_name(name, "jaccard", a.seeds[0])
+        epochs = {self.checkpoint(first, epoch): epoch for epoch in a.select_epochs}
+        chosen, _ = choose_on_validation(model_name, list(epochs), self.shards, "val", [CINC_TASK], a.rules_grid)
+        choice = chosen[CINC_TASK]
+        epoch, shards = epochs[choice.checkpoint], resolve_shards(self.cinc_shards(), "train")
+        result = {"epoch": epoch, "rules": dataclasses.asdict(choice.rules), "fold7_macro_auroc": choice.val_macro_auroc,
+                  "macro_auroc": {}}
+        for seed in a.seeds:
+            model, tokenizer = load_model(model_name, self.train(run_name(name, "jaccard", seed), setting,
+                                                                 "jaccard", seed, epoch=epoch))
+            scorer = TaskScorer(model, tokenizer, get_task(CINC_TASK), choice.rules,
+                                vocabulary=read_shard_info(shards)["vocabulary"])
+            scores = scorer.labelled_scores(embed_shards(model, shards, batch_size=64), f"{shards[0]} (cinc)")
+            result["macro_auroc"][str(seed)] = M.macro_auroc(scores.y_true, scores.y_score)
+            _write_npz(os.path.join(self.cache, f"cinc-{run_name(name, 'jaccard', seed)}.npz"),
+                       {f"{CINC_TASK}/y_true": scores.y_true, f"{CINC_TASK}/y_score": scores.y_score})
+            result["n_records"], result["n_positive"] = len(scores.y_true), dict(
+                zip(get_task(CINC_TASK).codes, map(int, scores.y_true.sum(0))))
+        write_json_atomic(path, result, indent=2)
+        return result
 
     def supervised_model(self, task_name: str, seed: int, arch: str):
         """(model, about, fold-7 scores or None) of the supervised baseline for `task_name` on tower
@@ -468,6 +601,138 @@ def paired_difference(files_a: List[str], files_b: List[str], task_name: str, n_
             "seeds": [len(scores_a), len(scores_b)]}
 
 
+def model_costs(names: Dict[str, str], batch_size: int, seconds: float, rounds: int = 3, steps: int = 2) -> Dict:
+    """{label: parameters, training-step seconds} of each model name, one process: forward +
+    backward + AdamW step of a batch at 100 Hz, `rounds` interleaved rounds of `steps` steps, the
+    best round of each (a shared machine slows some rounds, never speeds one up)."""
+    import time
+
+    import torch
+
+    from open_clip_ecg import MultiLabelSigLipLoss
+    from open_clip_ecg.data.pipeline import pack_text_and_labels
+    from open_clip_ecg.training.label_passing import enable_label_passing
+
+    torch.manual_seed(0)
+    loss, step_fns, out = MultiLabelSigLipLoss(), {}, {}
+    for label, name in names.items():
+        model = enable_label_passing(open_clip.create_model(name, output_dict=True))
+        model.train()
+        ecg = torch.randn(batch_size, model.visual.trunk.in_chans, int(100 * seconds))  # leads (+ RR channels)
+        tokens = open_clip.get_tokenizer(name)([f"sinus rhythm, report {i}" for i in range(batch_size)])
+        labels = (torch.rand(batch_size, 71) < 0.1).float()
+        packed = torch.stack([pack_text_and_labels(t, y) for t, y in zip(tokens, labels)])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(model=model, ecg=ecg, packed=packed, optimizer=optimizer):
+            optimizer.zero_grad()
+            sum(loss(**model(ecg, packed), output_dict=True).values()).backward()
+            optimizer.step()
+        step()  # warm-up
+        step_fns[label] = step
+        out[label] = {"parameters": sum(p.numel() for p in model.parameters()), "step_seconds": float("inf")}
+    for _ in range(rounds):
+        for label, step in step_fns.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            out[label]["step_seconds"] = min(out[label]["step_seconds"], (time.perf_counter() - start) / steps)
+    return out
+
+
+def same_set_pairs(label_sets: List[frozenset], batch_sizes: Sequence[int]) -> Dict[int, Dict]:
+    """Per batch size: the expected number of pairs in a random batch whose two ECGs have the same
+    finding set (plain SigLIP's false negatives that ``exact`` and ``jaccard`` call positive) and
+    pairs sharing at least one finding, from the training records' label sets (drawn without
+    replacement: C(B, 2) times the share of such pairs among all record pairs)."""
+    from collections import Counter
+
+    n = len(label_sets)
+    all_pairs = n * (n - 1) / 2
+    same = sum(k * (k - 1) / 2 for k in Counter(label_sets).values()) / all_pairs
+    sets = list(label_sets)
+    sharing = sum(bool(sets[i] & sets[j]) for i in range(n) for j in range(i + 1, n)) / all_pairs
+    return {b: {"same_set_pairs": b * (b - 1) / 2 * same, "sharing_pairs": b * (b - 1) / 2 * sharing,
+                "pairs": b * (b - 1) / 2} for b in batch_sizes}
+
+
+def _difference_cell(d: Dict) -> str:
+    return f"{d['difference']:+.3f} [{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]"
+
+
+def ablation_tables(out: str, results: Dict, args, extras: Dict) -> List[str]:
+    """Markdown of each ablation: fold-8 figures per variant (mean ± sd over seeds) and the paired
+    difference from the reference (or, for the loss, between targets) with bootstrap intervals."""
+    lines = []
+    for ablation, variants in results.items():
+        reference = variants[0]
+        lines += [f"## Ablation: {ablation} (fold 8, {len(args.seeds)} seeds, each variant's epoch and scoring "
+                  "rule chosen on fold 7)", "",
+                  "| variant | targets | " + " | ".join(f"{t} AUROC" for t in TASKS)
+                  + " | super micro-F1 | super Jaccard |", "|---|---|" + "---|" * (len(TASKS) + 2)]
+        for v in variants:
+            for targets in v["targets"]:
+                rs = [r for r in v["runs"].values() if r["targets"] == targets]
+                cells = [_mean_sd([r["tasks"][t]["headline"]["macro_auroc"] for r in rs]) for t in TASKS]
+                cells += [_mean_sd([r["tasks"]["ptbxl-super"]["headline"][m] for r in rs])
+                          for m in ("micro_f1", "jaccard_samples")]
+                lines.append(f"| {v['label']} (`{v['name']}`) | {targets} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if ablation == "loss":
+            pairs = extras.get("same_set_pairs", {})
+            lines += ["Paired differences between targets (seed-averaged macro AUROC, 95% bootstrap over fold-8 "
+                      "records); same-finding-set pairs per batch of training records:", "",
+                      "| recipe, batch | same-set pairs per batch (of all pairs) | pairs sharing a finding | comparison | "
+                      + " | ".join(TASKS) + " |", "|---|---|---|---|" + "---|" * len(TASKS)]
+            for v in variants:
+                p = pairs.get(v["batch"], pairs.get(str(v["batch"]), {}))
+                for other in [t for t in v["targets"] if t != "jaccard"] if "jaccard" in v["targets"] else []:
+                    cells = [_difference_cell(paired_difference(run_scores(out, v["runs"], "jaccard"),
+                                                                run_scores(out, v["runs"], other), t, args.bootstrap))
+                             for t in TASKS]
+                    lines.append(f"| {v['label']} | {p.get('same_set_pairs', 0):.1f} (of {p.get('pairs', 0):.0f}) | "
+                                 f"{p.get('sharing_pairs', 0):.0f} | jaccard − {other} | " + " | ".join(cells) + " |")
+            lines.append("")
+            continue
+        lines += ["Paired difference from the reference (seed-averaged macro AUROC, 95% bootstrap over fold-8 records):",
+                  "", "| variant | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
+        for v in variants[1:]:
+            cells = [_difference_cell(paired_difference(run_scores(out, v["runs"], "jaccard"),
+                                                        run_scores(out, reference["runs"], "jaccard"), t, args.bootstrap))
+                     for t in TASKS]
+            lines.append(f"| {v['label']} − reference | " + " | ".join(cells) + " |")
+        lines.append("")
+        costs = extras.get("model_costs") if ablation == "embed-dim" else None
+        if costs:
+            base = costs[reference["label"]]
+            lines += ["Cost (one process, batch 64, forward + backward + AdamW step, best of interleaved rounds):", "",
+                      "| variant | parameters | × reference | step time × reference |", "|---|---|---|---|"]
+            for v in variants:
+                c = costs[v["label"]]
+                lines.append(f"| {v['label']} | {c['parameters']:,} | {c['parameters'] / base['parameters']:.4f} | "
+                             f"{c['step_seconds'] / base['step_seconds']:.3f} |")
+            lines.append("")
+        if ablation == "crop" and all("cinc" in v for v in variants):
+            first = reference["cinc"]
+            lines += [f"Other institutions ({first['n_records']} Challenge records, `{CINC_TASK}`; positives per "
+                      f"finding: {', '.join(f'{k} {n}' for k, n in first['n_positive'].items())}); epoch and rule "
+                      "for this task chosen on fold 7:", "",
+                      "| variant | epoch, rule | macro AUROC (mean ± sd) | − reference [95% bootstrap over records] |",
+                      "|---|---|---|---|"]
+            for v in variants:
+                cinc = v["cinc"]
+                files = [os.path.join(out, "scores", f"cinc-{run_name(v['name'], 'jaccard', seed)}.npz")
+                         for seed in args.seeds]
+                ref_files = [os.path.join(out, "scores", f"cinc-{run_name(reference['name'], 'jaccard', seed)}.npz")
+                             for seed in args.seeds]
+                d = "–" if v is reference else _difference_cell(paired_difference(files, ref_files, CINC_TASK, args.bootstrap))
+                rules = cinc["rules"]
+                lines.append(f"| {v['label']} | {cinc['epoch']}, {rules['names']}/{rules['aggregate']}/{rules['scoring']} "
+                             f"| {_mean_sd(list(cinc['macro_auroc'].values()))} | {d} |")
+            lines.append("")
+    return lines
+
+
 def _mean_sd(values: List[float]) -> str:
     values = [v for v in values if v is not None]
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}" if values else "n/a"
@@ -572,6 +837,29 @@ def write_tables(out: str, selection: Dict, runs: Dict, supervised: Dict, differ
     return "\n".join(lines) + "\n"
 
 
+def run_ablations(study: Study, args) -> Dict:
+    """The ``ablations`` stage: train and score every variant, measure the costs, write
+    OUT/ablations.json and OUT/ablations.md."""
+    results = study.ablations()
+    extras = {}
+    if "embed-dim" in results:
+        variants = results["embed-dim"]
+        extras["model_costs"] = model_costs({v["label"]: study.model_name(v["setting"]) for v in variants},
+                                            args.batch_size, study.value(variants[0]["setting"], "crop_seconds"))
+    if "loss" in results:
+        label_sets = [frozenset(sample["label_ids"]) for sample in iterate_samples(study.train_shards())]
+        extras["same_set_pairs"] = same_set_pairs(label_sets, sorted({v["batch"] for v in results["loss"]}))
+    lines = ["# PTB-XL ablations (ptbxl_zeroshot_study.py --stages ablations)", "",
+             f"Reference: `{args.reference}`; {args.epochs} epochs (checkpoints {args.select_epochs} compared on "
+             f"fold 7), batch {args.batch_size}, lr {args.lr}, {args.crop_seconds:g} s crops unless the variant "
+             "changes it; train folds 1-6, choose on fold 7, fold 8 read once per setting.", ""]
+    lines += ablation_tables(args.out, results, args, extras)
+    write_json_atomic(os.path.join(args.out, "ablations.json"), {"results": results, **extras}, indent=2)
+    write_text_atomic(os.path.join(args.out, "ablations.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ptbxl", required=True, help="PTB-XL folder (ptbxl_database.csv, records100/)")
@@ -595,10 +883,27 @@ def main(argv=None) -> int:
                         help="epochs of the supervised baseline (its best epoch on fold 7 is kept)")
     parser.add_argument("--curve-shards", type=int, nargs="+", default=[3, 6],
                         help="learning-curve stage: train on the first K training shards (plus all of them)")
-    parser.add_argument("--stages", nargs="+", choices=("select", "seeds", "supervised", "generalist", "curve", "report"),
+    parser.add_argument("--stages", nargs="+",
+                        choices=("select", "seeds", "supervised", "generalist", "curve", "report", "ablations"),
                         default=["select", "seeds", "supervised", "generalist", "curve", "report"],
                         help="run some stages only (e.g. two processes training different --targets "
                              "in parallel, then 'report' to collect)")
+    parser.add_argument("--ablations", nargs="+", choices=(*ABLATIONS, "loss"), default=[*ABLATIONS, "loss"],
+                        help="stage 'ablations': embed-dim (128/256/512), crop (none/5 s/2.5 s), loss (--targets at "
+                             "--batch-size and --large-batch under each --loss-recipes), each against --reference")
+    parser.add_argument("--reference", choices=list(SELECTION), default=REFERENCE,
+                        help="the recipe the embed-dim and crop ablations change one thing of")
+    parser.add_argument("--large-batch", type=int, default=256,
+                        help="loss ablation: the larger batch (lr scaled by sqrt(ratio), warmup kept in samples)")
+    parser.add_argument("--loss-recipes", nargs="+", choices=list(SELECTION), default=[REFERENCE, "sampled-text"],
+                        help="loss ablation: the recipes compared (default: the current one and the one without "
+                             "finding texts)")
+    parser.add_argument("--cinc", default=None,
+                        help="crop ablation: a folder of Challenge records (../shared/data/cinc) scored with "
+                             f"{CINC_TASK} (records from other institutions than PTB-XL)")
+    parser.add_argument("--train-shards", type=int, default=None,
+                        help="train on the first K training shards only (default: all; the learning curve "
+                             "chooses its own)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--shard-size", type=int, default=128)
@@ -606,10 +911,14 @@ def main(argv=None) -> int:
                         help="smoke run: 2 epochs (both compared), 1 seed, jaccard and identity, two settings, "
                              "20 resamples")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs, args.select_epochs, args.seeds, args.targets, args.bootstrap = 2, [1, 2], [0], ["jaccard", "identity"], 20
-        args.supervised_epochs, args.curve_shards = 1, [1]
-        args.settings, args.batch_size, args.crop_seconds, args.shard_size = ["stored-text", "sampled-text"], 32, 2.5, 64
+    if args.quick:  # a tiny budget for every option left at its default
+        quick = {"epochs": 2, "select_epochs": [1, 2], "seeds": [0], "targets": ["jaccard", "identity"],
+                 "bootstrap": 20, "supervised_epochs": 1, "curve_shards": [1], "settings": ["stored-text", "sampled-text"],
+                 "batch_size": 32, "crop_seconds": 2.5, "shard_size": 64, "reference": "sampled-text",
+                 "large_batch": 64, "loss_recipes": ["sampled-text"]}
+        for key, value in quick.items():
+            if getattr(args, key) == parser.get_default(key):
+                setattr(args, key, value)
     args.select_epochs = sorted(set(args.select_epochs or [args.epochs]))
     if not 1 <= args.select_epochs[0] <= args.select_epochs[-1] <= args.epochs:
         parser.error(f"--select-epochs must lie between 1 and --epochs ({args.epochs}): {args.select_epochs}")
@@ -619,6 +928,10 @@ def main(argv=None) -> int:
 
     study = Study(args)
     study.write_shards()
+    if "ablations" in args.stages:
+        run_ablations(study, args)
+        if set(args.stages) == {"ablations"}:
+            return 0
     selection = study.select()
     if args.stages == ["select"]:
         return 0

@@ -33,4 +33,4 @@ def test_scale_benchmark_runs_on_tiny_mimic_layouts(tmp_path):
     report = json.loads(result.stdout)
     assert report["figures"]["sizes"] == [8, 20]
     assert all(v > 0 for v in report["ratios"].values()), report
-    assert (tmp_path / "mimic-20" / "files").is_dir() and (tmp_path / "shards-20" / "manifest.json").is_file()
+    assert (tmp_path / "mimic-20" / "files").is_dir() and (tmp_path / "shards-20-1" / "manifest.json").is_file()

@@ -334,7 +334,9 @@ class CachedTokenizer:
         if len(ids) > tok.context_length:  # open_clip's truncation: cut, then end with EOT
             ids = ids[:tok.context_length]
             ids[-1] = tok.eot_token_id
-        return torch.tensor(ids + [0] * (tok.context_length - len(ids)), dtype=torch.long)
+        tokens = np.zeros(tok.context_length, dtype=np.int64)  # numpy: a third of torch.tensor's cost
+        tokens[:len(ids)] = ids
+        return torch.from_numpy(tokens)
 
     def _cached(self, cache: OrderedDict, key: str, compute: Callable):
         value = cache.get(key)

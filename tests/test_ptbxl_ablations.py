@@ -1,0 +1,125 @@
+"""The PTB-XL study's ablations (issue 25): embedding dimension, crops, loss targets x batch size."""
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import open_clip
+import pytest
+import torch
+
+from conftest import REPO
+
+SCRIPT = REPO / "scripts" / "ptbxl_zeroshot_study.py"
+
+
+@pytest.fixture(scope="module")
+def study_module():
+    spec = importlib.util.spec_from_file_location("ptbxl_zeroshot_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _study(module, tmp_path, **options):
+    args = argparse.Namespace(out=str(tmp_path), reference=module.REFERENCE, loss_recipes=[module.REFERENCE, "sampled-text"],
+                              batch_size=64, large_batch=256, lr=1e-3, warmup=20, crop_seconds=5.0,
+                              targets=list(module.TARGETS), **options)
+    return module.Study(args)
+
+
+def test_same_set_pairs_counts_pairs_of_equal_finding_sets(study_module):
+    sets = [frozenset(s) for s in ({1}, {1}, {1, 2}, {2}, set(), set())]  # 15 pairs: 2 same-set, 4 sharing
+    counts = study_module.same_set_pairs(sets, [4, 6])
+    assert counts[4] == pytest.approx({"same_set_pairs": 6 * 2 / 15, "sharing_pairs": 6 * 4 / 15, "pairs": 6})
+    assert counts[6]["same_set_pairs"] == pytest.approx(2.0)  # the whole set: exactly its two pairs
+
+
+def test_each_variant_changes_one_thing_of_the_reference(study_module, tmp_path):
+    m = study_module
+    study = _study(m, tmp_path)
+    reference = {**m.BASE, **m.SELECTION[m.REFERENCE]}
+    dims = study.variants("embed-dim")
+    assert [v["name"] for v in dims] == [m.REFERENCE, f"{m.REFERENCE}+dim128", f"{m.REFERENCE}+dim512"]
+    assert dims[0]["label"] == "256 (reference)" and dims[0]["setting"] == reference
+    for v in dims[1:]:
+        changed = {k for k in reference if v["setting"][k] != reference[k]}
+        assert changed == {"embed_dim"} and v["targets"] == ["jaccard"]
+    crops = study.variants("crop")
+    assert [study.value(v["setting"], "crop_seconds") for v in crops] == [5.0, 10.0, 2.5]
+    assert [v["name"] for v in crops[1:]] == [f"{m.REFERENCE}+crop10", f"{m.REFERENCE}+crop2.5"]
+    # a variant equal to the reference (here the reference crops 2.5 s) is not trained twice
+    short = _study(m, tmp_path)
+    short.args.crop_seconds = 2.5
+    assert [v["name"] for v in short.variants("crop")] == [m.REFERENCE, f"{m.REFERENCE}+crop10"]
+
+
+def test_the_loss_ablation_scales_lr_by_the_square_root_and_keeps_warmup_in_samples(study_module, tmp_path):
+    m = study_module
+    variants = _study(m, tmp_path).variants("loss")
+    assert [(v["recipe"], v["batch"]) for v in variants] == [(m.REFERENCE, 64), (m.REFERENCE, 256),
+                                                            ("sampled-text", 64), ("sampled-text", 256)]
+    small, large = variants[2], variants[3]
+    assert small["name"] == "sampled-text" and small["setting"]["batch_size"] is None  # the study's own run
+    assert large["name"] == "sampled-text+batch256"
+    assert large["setting"]["lr"] == pytest.approx(2e-3) and large["setting"]["warmup"] == 5
+    assert large["setting"]["batch_size"] == 256 and all(v["targets"] == list(m.TARGETS) for v in variants)
+
+
+def test_an_embed_dim_variant_resizes_both_projections(study_module, tmp_path):
+    study = _study(study_module, tmp_path)
+    name = study.model_name({**study_module.BASE, "model": "ECG-RN18-CLIPText", "embed_dim": 96})
+    assert name == "ECG-RN18-CLIPText-D96"
+    saved = json.loads((tmp_path / "model_configs" / f"{name}.json").read_text())
+    assert saved["embed_dim"] == 96 and saved["vision_cfg"] == open_clip.get_model_config("ECG-RN18-CLIPText")["vision_cfg"]
+    model = open_clip.create_model(name)
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(2, 12, 500)).shape == (2, 96)
+        assert model.encode_text(open_clip.get_tokenizer(name)(["sinus rhythm", "a"])).shape == (2, 96)
+    costs = study_module.model_costs({"96": name, "256": "ECG-RN18-CLIPText"}, batch_size=4, seconds=1.0, rounds=1, steps=1)
+    assert costs["96"]["parameters"] < costs["256"]["parameters"]
+    assert all(c["step_seconds"] > 0 for c in costs.values())
+
+
+@pytest.mark.slow
+def test_ablations_run_end_to_end_on_a_tiny_budget(ptbxl_dir, cinc_dir, tmp_path):
+    """Every ablation trains its variants (one epoch on one shard), chooses on fold 7, scores fold 8
+    and the other institutions' records, and reports differences with intervals."""
+    out = tmp_path / "study"
+    command = [sys.executable, str(SCRIPT), "--ptbxl", str(ptbxl_dir), "--out", str(out), "--quick",
+               "--epochs", "1", "--select-epochs", "1", "--train-shards", "1", "--stages", "ablations",
+               "--ablations", "embed-dim", "crop", "loss", "--cinc", str(cinc_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "ablations.json").read_text())
+    tasks = {"ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form"}
+    dims = result["results"]["embed-dim"]
+    assert [v["label"] for v in dims] == ["256 (reference)", "128", "512"]
+    for v in dims:
+        assert set(v["choices"]) == tasks and [r["seed"] for r in v["runs"].values()] == [0]
+    costs = result["model_costs"]
+    assert costs["128"]["parameters"] < costs["256 (reference)"]["parameters"] < costs["512"]["parameters"]
+
+    crops = result["results"]["crop"]  # --quick crops 2.5 s: the 2.5 s variant is the reference
+    assert [v["label"] for v in crops] == ["2.5 s random crops (reference)", "none (the whole 10 s record)"]
+    trained = torch.load(out / "logs" / f"{crops[1]['name']}-jaccard-seed0" / "checkpoints" / "epoch_1.pt",
+                         map_location="cpu", weights_only=True)
+    assert trained["ecg_preprocess"]["seconds"] == 10.0
+    for v in crops:
+        assert v["cinc"]["n_records"] == 26  # the 28 records less the two from PTB-XL
+        assert all(0 <= a <= 1 for a in v["cinc"]["macro_auroc"].values())
+
+    loss = result["results"]["loss"]
+    assert [(v["batch"], sorted({r["targets"] for r in v["runs"].values()})) for v in loss] == [
+        (32, ["identity", "jaccard"]), (64, ["identity", "jaccard"])]
+    params = (out / "logs" / "sampled-text+batch64-jaccard-seed0" / "params.txt").read_text()
+    assert "batch_size: 64" in params and f"lr: {1e-3 * math.sqrt(2)}" in params
+    pairs = result["same_set_pairs"]
+    assert pairs["64"]["same_set_pairs"] == pytest.approx(pairs["32"]["same_set_pairs"] * 64 * 63 / (32 * 31))
+
+    table = (out / "ablations.md").read_text()
+    for heading in ("## Ablation: embed-dim", "## Ablation: crop", "## Ablation: loss", "step time × reference",
+                    "Other institutions (26 Challenge records", "| 128 − reference |", "jaccard − identity"):
+        assert heading in table, heading
