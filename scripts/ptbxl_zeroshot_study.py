@@ -370,10 +370,12 @@ class Study:
     def ablations(self) -> Dict:
         """Each ``--ablations`` variant under the study's protocol: its own fold-7 choice of epoch
         and scoring rule (first seed), then every seed scored on fold 8 once."""
-        out = {}
+        out, only = {}, self.args.ablation_variants
         for ablation in self.args.ablations:
             out[ablation] = []
             for variant in self.variants(ablation):
+                if only and not {variant["name"], variant["name"].replace(f"{self.args.reference}+", "", 1)} & set(only):
+                    continue
                 choices = self.choose(self.setting_rows(variant["name"], variant["setting"]))
                 runs = self.seeds({"setting": variant["name"], **variant["setting"]}, choices, variant["targets"])
                 out[ablation].append({**variant, "choices": choices, "runs": runs})
@@ -841,6 +843,8 @@ def run_ablations(study: Study, args) -> Dict:
     """The ``ablations`` stage: train and score every variant, measure the costs, write
     OUT/ablations.json and OUT/ablations.md."""
     results = study.ablations()
+    if args.ablation_variants:  # a share of the runs (several processes): the tables come from a run without it
+        return results
     extras = {}
     if "embed-dim" in results:
         variants = results["embed-dim"]
@@ -891,6 +895,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ablations", nargs="+", choices=(*ABLATIONS, "loss"), default=[*ABLATIONS, "loss"],
                         help="stage 'ablations': embed-dim (128/256/512), crop (none/5 s/2.5 s), loss (--targets at "
                              "--batch-size and --large-batch under each --loss-recipes), each against --reference")
+    parser.add_argument("--ablation-variants", nargs="+", default=None,
+                        help="train and score only these variants (setting names, or the part after "
+                             "'<reference>+': dim128, crop10, ...) and write no tables: to share the runs "
+                             "between processes; a run without it writes the tables")
     parser.add_argument("--reference", choices=list(SELECTION), default=REFERENCE,
                         help="the recipe the embed-dim and crop ablations change one thing of")
     parser.add_argument("--large-batch", type=int, default=256,

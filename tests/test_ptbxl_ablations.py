@@ -26,8 +26,23 @@ def study_module():
 def _study(module, tmp_path, **options):
     args = argparse.Namespace(out=str(tmp_path), reference=module.REFERENCE, loss_recipes=[module.REFERENCE, "sampled-text"],
                               batch_size=64, large_batch=256, lr=1e-3, warmup=20, crop_seconds=5.0,
-                              targets=list(module.TARGETS), **options)
+                              targets=list(module.TARGETS), ablation_variants=None, **options)
     return module.Study(args)
+
+
+def test_ablation_variants_share_the_runs_out(study_module, tmp_path, monkeypatch):
+    """--ablation-variants trains only the named variants (by setting name or suffix)."""
+    study = _study(study_module, tmp_path, ablations=["embed-dim", "loss"])
+    trained = []
+    monkeypatch.setattr(study, "setting_rows", lambda name, setting: trained.append(name) or [])
+    monkeypatch.setattr(study, "choose", lambda rows: {})
+    monkeypatch.setattr(study, "seeds", lambda best, choices, targets: {})
+    study.args.ablation_variants = ["dim512", "sampled-text+batch256"]
+    study.ablations()
+    assert trained == [f"{study_module.REFERENCE}+dim512", "sampled-text+batch256"]
+    study.args.ablation_variants, trained[:] = None, []
+    study.ablations()
+    assert len(trained) == 3 + 4
 
 
 def test_same_set_pairs_counts_pairs_of_equal_finding_sets(study_module):
