@@ -28,6 +28,13 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
    (last epoch) trained on the first ``--curve-shards`` training shards and on all of them: does
    the gap between zero-shot and supervision close with more records?
 
+7. **Ablations** (``--stages ablations``, not in the default stages): the paper's design claims
+   against the current recipe (:data:`REFERENCE`), one change at a time, each variant with its own
+   fold-7 choices and every seed on fold 8: embedding dimension (128/256/512, with parameter count
+   and step time), random crops (none/5 s/2.5 s, also scored on other institutions' Challenge
+   records with ``--cinc``), and the loss targets at two batch sizes under two recipes (with the
+   expected same-finding-set pairs per batch). Writes ``OUT/ablations.md``/``.json``.
+
 Every step is resumable: finished trainings, embeddings and scores are reused on a re-run.
 ``--quick`` runs the whole flow on a tiny budget (for tests). Writes ``OUT/study.md``/``.json``.
 """

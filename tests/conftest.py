@@ -67,7 +67,7 @@ def pytest_runtest_setup(item):
 # under `--dist loadfile` no long file starts last while the other worker idles. Update when a file
 # grows; a file not listed counts as short.
 FILE_SECONDS = {"test_ptbxl_study.py": 270, "test_benchmark.py": 230, "test_train.py": 200,
-                "test_ptbxl_ablations.py": 180, "test_quickstart.py": 170, "test_hardening.py": 150,
+                "test_ptbxl_ablations.py": 150, "test_quickstart.py": 170, "test_hardening.py": 150,
                 "test_shards.py": 80, "test_hardening_cache_export.py": 60, "test_classify.py": 60,
                 "test_loss_distributed.py": 50}
 

@@ -2,7 +2,6 @@
 import argparse
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 
@@ -98,14 +97,70 @@ def test_an_embed_dim_variant_resizes_both_projections(study_module, tmp_path):
     assert all(c["step_seconds"] > 0 for c in costs.values())
 
 
+def test_training_flags_carry_each_variants_change(study_module, tmp_path, monkeypatch):
+    m = study_module
+    study = _study(m, tmp_path, epochs=4, select_epochs=[2, 4], workers=0, train_shards=None)
+    calls = []
+    monkeypatch.setattr(m, "train_main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(study, "train_shards", lambda n_shards=None: ["train-000000.tar"])
+
+    def flags(variant):
+        calls.clear()
+        study.train("run", variant["setting"], "identity", 1)
+        argv = calls[0]
+        return {key: argv[argv.index(key) + 1] for key in ("--model", "--batch-size", "--lr", "--warmup",
+                                                          "--ecg-seconds", "--ecg-targets", "--seed")}
+
+    reference, large = study.variants("loss")[:2]
+    assert flags(reference) == {"--model": "ECG-RN18-RR-CLIPText", "--batch-size": "64", "--lr": "0.001",
+                                "--warmup": "20", "--ecg-seconds": "5.0", "--ecg-targets": "identity", "--seed": "1"}
+    assert flags(large) | {"--model": None} == {"--model": None, "--batch-size": "256", "--lr": "0.002",
+                                                "--warmup": "5", "--ecg-seconds": "5.0", "--ecg-targets": "identity",
+                                                "--seed": "1"}
+    assert flags(study.variants("crop")[1])["--ecg-seconds"] == "10.0"
+    assert flags(study.variants("embed-dim")[2])["--model"] == "ECG-RN18-RR-CLIPText-D512"
+
+
+def test_the_loss_table_pairs_targets_within_each_batch_size(study_module, tmp_path):
+    """Rendered from fabricated fold-8 scores: jaccard beats identity on every task by construction."""
+    import numpy as np
+
+    m = study_module
+    rng = np.random.default_rng(0)
+    y_true = (rng.random((40, 3)) < 0.4).astype(np.float32)
+    (tmp_path / "scores").mkdir(exist_ok=True)
+    variants = []
+    for batch in (64, 256):
+        runs = {}
+        for targets, noise in (("jaccard", 0.3), ("identity", 3.0)):
+            name = m.run_name(f"r+batch{batch}", targets, 0)
+            arrays = {}
+            for task in m.TASKS:
+                arrays[f"{task}/y_true"] = y_true
+                arrays[f"{task}/y_score"] = y_true + noise * rng.random(y_true.shape)
+            np.savez(tmp_path / "scores" / f"{name}.npz", **arrays)
+            headline = {"macro_auroc": 0.5, "micro_f1": 0.5, "jaccard_samples": 0.5}
+            runs[name] = {"targets": targets, "seed": 0, "tasks": {t: {"headline": headline} for t in m.TASKS}}
+        variants.append({"label": f"r, batch {batch}", "name": f"r+batch{batch}", "batch": batch,
+                         "targets": ["jaccard", "identity"], "runs": runs})
+    args = argparse.Namespace(seeds=[0], bootstrap=50)
+    pairs = m.same_set_pairs([frozenset({1}), frozenset({1}), frozenset({2})], [64, 256])
+    lines = m.ablation_tables(str(tmp_path), {"loss": variants}, args, {"same_set_pairs": pairs})
+    rows = [line for line in lines if "jaccard − identity" in line and line.startswith("| r, batch")]
+    assert len(rows) == 2 and f"{pairs[256]['same_set_pairs']:.1f} (of 32640)" in rows[1]
+    differences = [float(cell.split()[0]) for cell in rows[0].split("|")[-1 - len(m.TASKS):-1]]
+    assert all(d > 0.1 for d in differences), rows[0]
+
+
 @pytest.mark.slow
 def test_ablations_run_end_to_end_on_a_tiny_budget(ptbxl_dir, cinc_dir, tmp_path):
-    """Every ablation trains its variants (one epoch on one shard), chooses on fold 7, scores fold 8
-    and the other institutions' records, and reports differences with intervals."""
+    """The embed-dim and crop ablations train their variants (one epoch on one shard), choose on
+    fold 7, score fold 8 and the other institutions' records, and report differences with intervals
+    (the loss ablation's flags and table are checked above without training)."""
     out = tmp_path / "study"
     command = [sys.executable, str(SCRIPT), "--ptbxl", str(ptbxl_dir), "--out", str(out), "--quick",
                "--epochs", "1", "--select-epochs", "1", "--train-shards", "1", "--stages", "ablations",
-               "--ablations", "embed-dim", "crop", "loss", "--cinc", str(cinc_dir)]
+               "--ablations", "embed-dim", "crop", "--cinc", str(cinc_dir)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "ablations.json").read_text())
@@ -126,15 +181,7 @@ def test_ablations_run_end_to_end_on_a_tiny_budget(ptbxl_dir, cinc_dir, tmp_path
         assert v["cinc"]["n_records"] == 26  # the 28 records less the two from PTB-XL
         assert all(0 <= a <= 1 for a in v["cinc"]["macro_auroc"].values())
 
-    loss = result["results"]["loss"]
-    assert [(v["batch"], sorted({r["targets"] for r in v["runs"].values()})) for v in loss] == [
-        (32, ["identity", "jaccard"]), (64, ["identity", "jaccard"])]
-    params = (out / "logs" / "sampled-text+batch64-jaccard-seed0" / "params.txt").read_text()
-    assert "batch_size: 64" in params and f"lr: {1e-3 * math.sqrt(2)}" in params
-    pairs = result["same_set_pairs"]
-    assert pairs["64"]["same_set_pairs"] == pytest.approx(pairs["32"]["same_set_pairs"] * 64 * 63 / (32 * 31))
-
     table = (out / "ablations.md").read_text()
-    for heading in ("## Ablation: embed-dim", "## Ablation: crop", "## Ablation: loss", "step time × reference",
-                    "Other institutions (26 Challenge records", "| 128 − reference |", "jaccard − identity"):
+    for heading in ("## Ablation: embed-dim", "## Ablation: crop", "step time × reference",
+                    "Other institutions (26 Challenge records", "| 128 − reference |"):
         assert heading in table, heading
