@@ -1,6 +1,7 @@
 """Standard lead names, their spelling variants, and the reduced lead sets models are built for."""
 from __future__ import annotations
 
+import functools
 import re
 from typing import Dict, List, Sequence
 
@@ -26,6 +27,7 @@ _ALIASES = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # called dozens of times per record by the shard writer
 def canonical_lead_name(name: str) -> str:
     """Map a spelling variant ('avr', 'AVR', 'lead_ii', 'MLII', 'v1') to the standard name.
 
