@@ -169,7 +169,9 @@ def preprocess_record(record: ECGRecord, sampling_rate: float, seconds: float,
         raise _error(record, "too_short", f"{duration:.2f} s < minimum {min_seconds:g} s")
 
     signal = signal.astype(np.float32, copy=False)
-    fractions = (~np.isfinite(signal)).mean(axis=1)
+    # a NaN or inf anywhere makes the float64 sum non-finite: the per-lead count only when needed
+    finite = bool(np.isfinite(signal.sum(dtype=np.float64)))
+    fractions = np.zeros(len(signal)) if finite else (~np.isfinite(signal)).mean(axis=1)
     if fractions.any():
         signal = repair_non_finite(signal, fractions <= max_non_finite)
     selected = reorder_leads(ECGRecord(record.entry, signal, record.sampling_rate, record.lead_names),
@@ -186,7 +188,7 @@ def preprocess_record(record: ECGRecord, sampling_rate: float, seconds: float,
 
     out = fix_length(resample(selected, record.sampling_rate, sampling_rate),
                      int(round(sampling_rate * seconds)), crop)
-    peak = float(np.abs(out).max()) if out.size else 0.0
+    peak = max(float(out.max()), -float(out.min())) if out.size else 0.0
     if peak > FLOAT16_MAX:
         raise _error(record, "non_finite", f"amplitude {peak:.3g} mV exceeds the float16 range "
                      f"({FLOAT16_MAX:g}); wrong units or gain in the header?")
