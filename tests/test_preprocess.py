@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from open_clip_ecg.data.preprocess import fix_length, preprocess_record, resample
+from open_clip_ecg.data.preprocess import fix_length, preprocess_record, resample, to_float16
 from open_clip_ecg.data.record import ECGRecord, RecordEntry, RecordError
 from open_clip_ecg.leads import LEAD_SETS, STANDARD_LEADS
 
@@ -132,10 +132,11 @@ def test_flat_record_rejected_single_flat_lead_kept():
     with pytest.raises(RecordError) as err:
         preprocess_record(make_record(np.full((12, 5000), 0.3)), 500, 10)
     assert err.value.reason == "flat" and "/data/rec1" in str(err.value)
-    signal = lead_signals()
-    signal[4] = 0.0
-    out = preprocess_record(make_record(signal), 500, 10).astype(np.float32)
-    assert not out[4].any() and out[0].std() > 0.1
+    for flat_lead in (4, 0):  # the first lead too: the check looks at it first
+        signal = lead_signals()
+        signal[flat_lead] = 0.0
+        out = preprocess_record(make_record(signal), 500, 10).astype(np.float32)
+        assert not out[flat_lead].any() and out[1].std() > 0.1
 
 
 def test_length_rule_crop_start_or_center_and_pad_at_end():
@@ -164,6 +165,22 @@ def test_float16_output_and_overflow_check():
     with pytest.raises(RecordError) as err:
         preprocess_record(make_record(signal), 500, 10)
     assert err.value.reason == "non_finite" and "float16" in err.value.detail
+
+
+def test_float16_cast_is_numpys_bit_for_bit():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 3, 40000), rng.normal(0, 1e-6, 30000),  # subnormals
+                             rng.uniform(-7e4, 7e4, 30000),  # beyond the range: inf
+                             [np.nan, np.inf, -np.inf, 0.0, -0.0, 65504, 65520, 2 ** -25, 1 + 2 ** -11]])
+    signal = values.astype(np.float32).reshape(1, -1)  # more elements than one torch grain
+    with np.errstate(over="ignore"):
+        expected = signal.astype(np.float16)
+    got = to_float16(signal)
+    assert got.dtype == np.float16 and got.shape == signal.shape
+    assert np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+    strided = signal[:, 1:].reshape(2, -1)[:, ::3]  # not contiguous
+    with np.errstate(over="ignore"):
+        assert np.array_equal(to_float16(strided).view(np.uint16), strided.astype(np.float16).view(np.uint16))
 
 
 def test_ptbxl_100hz_upsampled_matches_500hz_record(ptbxl_dir):

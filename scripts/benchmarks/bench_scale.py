@@ -123,6 +123,7 @@ result = {"records": len(paths)}
 
 _SHARDS = """
 from open_clip_ecg.data.readers import get_reader
+from open_clip_ecg.data.readers.mimic_iv_ecg import MIMICIVECGReader  # imported by get_reader; as _RAW_WFDB does
 from open_clip_ecg.data.shard_writer import ShardOptions, write_shards
 start, cpu_start = time.perf_counter(), cpu()  # after the imports
 manifest = write_shards(get_reader("mimic-iv-ecg", job["root"]), job["out"], ShardOptions(

@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from .data.preprocess import resample, sampling_rate_problem
+from .data.preprocess import resample, sampling_rate_problem, to_float16
 from .data.rhythm import split_channels
 from .data.transforms import NORMALIZE_MODES, build_ecg_transform
 from .leads import LEAD_SETS, RR_CHANNELS, STANDARD_LEADS, canonical_lead_name, lead_indices
@@ -144,8 +144,7 @@ class ECGPreprocess:
         signal = resample(signal, float(sampling_rate), float(self.cfg["sampling_rate"]))
         # the precision shards store (float16, ~0.5 uV at 1 mV): the input the model was trained and
         # validated on, so a raw record scores as its shard does (classify equals evaluate)
-        with np.errstate(over="ignore"):
-            signal = signal.astype(np.float16).astype(np.float32)
+        signal = to_float16(signal).astype(np.float32)
         if not np.isfinite(signal).all():
             raise ValueError(f"the signal exceeds float16's range (|x| > {np.finfo(np.float16).max:g} mV)")
         # a short record is padded by the crop, after normalisation: zeros then sit at the baseline

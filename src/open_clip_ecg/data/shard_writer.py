@@ -69,7 +69,6 @@ from .shard_format import (
     SPLITS,
     encode_sample,
     json_bytes,
-    jsonable,
     sample_key,
     shard_name,
 )
@@ -160,7 +159,7 @@ class SampleEncoder:
         except Exception as err:  # a reader/library failure on one file must not end a long run
             return "skip", _skip_record(entry, split, "unreadable", entry.path, f"{type(err).__name__}: {err}")
         codes = sorted(set(entry.labels), key=lambda code: self.ids[code])
-        meta = dict(jsonable(entry.metadata))
+        meta = dict(entry.metadata)  # made JSON-safe once, by json_bytes in encode_sample
         meta.update(record_id=entry.record_id, patient_id=entry.patient_id, source_path=self._relative(entry.path),
                     sampling_rate=self.options.sampling_rate, original_sampling_rate=record.sampling_rate,
                     leads=list(STANDARD_LEADS), split=split, fold=entry.fold, report=entry.report,
@@ -230,6 +229,9 @@ def _encoded(encoder: SampleEncoder, items: List, pool, workers: int) -> Iterato
 # Writing
 # --------------------------------------------------------------------------------------------
 
+_COPY_BUFFER = 1 << 20  # a member in one copy (tarfile copies 16 KiB at a time by default)
+
+
 class _ShardFile:
     """One tar being written to ``NAME.tar.tmpPID``; :meth:`finish` fsyncs and renames it.
 
@@ -243,7 +245,8 @@ class _ShardFile:
     def __init__(self, path: Path):
         self.path, self.tmp = path, Path(temp_path(path))
         self.file = open(self.tmp, "wb")
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT,
+                                copybufsize=_COPY_BUFFER)
         self.n = 0
 
     def add(self, key: str, members: Dict[str, bytes]) -> None:

@@ -104,7 +104,8 @@ def header_comments(header: wfdb.Record) -> Dict[str, str]:
 
 
 def read_wfdb(path: PathLike, record_id: str = "") -> Tuple[np.ndarray, float, List[str]]:
-    """Load a WFDB record: (signal float32 [leads, samples] in mV, sampling rate, lead names).
+    """Load a WFDB record: (signal float32 [leads, samples] in mV, possibly a transposed view,
+    sampling rate, lead names).
 
     Lead names are returned as written in the header. Invalid samples (WFDB's reserved digital
     value) come back as NaN; the preprocessing policy decides what to do with them.
@@ -118,7 +119,8 @@ def read_wfdb(path: PathLike, record_id: str = "") -> Tuple[np.ndarray, float, L
         signal = _read_challenge_mat(header, base, record_id)
     else:
         header = _read_dat(base, record_id)
-        signal = np.ascontiguousarray(header.p_signal.T, dtype=np.float32)
+        # a view, not a copy: every consumer selects (copies) the leads it uses in its own order
+        signal = header.p_signal.T.astype(np.float32, copy=False)
     scale = _millivolt_scale(header, base, record_id)
     if not np.all(scale == 1.0):
         signal *= scale[:, None]
