@@ -19,7 +19,7 @@ Ratios (aims): ``shards_time_per_record_large_vs_small_{1,2}_workers`` <= 1.2 (w
 in CPU time), ``shards_peak_rss_large_vs_small_{1,2}_workers`` <= 1.2, ``writer_vs_raw_wfdb_1_worker``
 >= 0.8 (records/s of the writer over records/s of reading alone; ``..._cpu`` per CPU second).
 
-    python scripts/benchmarks/bench_scale.py [--sizes 2000 20000] [--rounds 2] [--quick] [--keep DIR]
+    python scripts/benchmarks/bench_scale.py [--sizes 2000 20000] [--rounds 3] [--quick] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def measure_training(work: Path, n: int, train_samples: int, batch_size: int) ->
     return {**figures, "samples": train_samples, "checkpoint": str(logs / "scale" / "checkpoints" / "epoch_1.pt")}
 
 
-def run(quick: bool = False, device: str = "cpu", sizes=None, keep=None, rounds: int = 2) -> dict:
+def run(quick: bool = False, device: str = "cpu", sizes=None, keep=None, rounds: int = 3) -> dict:
     sizes = sorted(sizes or ((40, 400) if quick else (2000, 20000)))
     small, large = sizes[0], sizes[-1]
     train_samples, batch_size = (16, 8) if quick else (64, 16)
@@ -265,6 +265,6 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", type=int, nargs=2, default=None, help="the two collection sizes (default 2000 20000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temporary one)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the reading and writing steps")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the reading and writing steps")
     cli = parser.parse_args()
     print(json.dumps(run(cli.quick, cli.device, cli.sizes, cli.keep, cli.rounds), indent=2))
