@@ -924,13 +924,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shard-size", type=int, default=128)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 2 epochs (both compared), 1 seed, jaccard and identity, two settings, "
-                             "20 resamples")
+                             "2 training shards, 20 resamples")
     args = parser.parse_args(argv)
     if args.quick:  # a tiny budget for every option left at its default
         quick = {"epochs": 2, "select_epochs": [1, 2], "seeds": [0], "targets": ["jaccard", "identity"],
                  "bootstrap": 20, "supervised_epochs": 1, "curve_shards": [1], "settings": ["stored-text", "sampled-text"],
                  "batch_size": 32, "crop_seconds": 2.5, "shard_size": 64, "reference": "sampled-text",
-                 "large_batch": 64, "loss_recipes": ["sampled-text"]}
+                 "large_batch": 64, "loss_recipes": ["sampled-text"], "train_shards": 2}
         for key, value in quick.items():
             if getattr(args, key) == parser.get_default(key):
                 setattr(args, key, value)

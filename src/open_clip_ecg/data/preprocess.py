@@ -48,7 +48,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from scipy.signal import resample_poly
 
 from ..leads import STANDARD_LEADS, canonical_lead_name, lead_set
 from .record import ECGRecord, RecordError
@@ -130,6 +129,8 @@ def resample(signal: np.ndarray, from_rate: float, to_rate: float) -> np.ndarray
     """Polyphase resampling along the last axis by a rational approximation of the rate ratio."""
     if from_rate == to_rate:
         return signal
+    from scipy.signal import resample_poly  # on first use, as in .rhythm.detect_beats
+
     ratio = Fraction(float(to_rate) / float(from_rate)).limit_denominator(1000)
     return resample_poly(signal, ratio.numerator, ratio.denominator, axis=-1).astype(signal.dtype, copy=False)
 

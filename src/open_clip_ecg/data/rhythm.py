@@ -34,7 +34,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from scipy.signal import butter, find_peaks, sosfiltfilt
 
 from ..leads import RR_CHANNELS, STANDARD_LEADS
 
@@ -52,12 +51,18 @@ BEAT_DETECTOR = {"name": "open_clip_ecg.data.rhythm.detect_beats", "version": 1,
 def qrs_filter(sampling_rate: float) -> np.ndarray:
     """Second-order sections of the QRS band-pass at `sampling_rate`, designed once per rate
     (designing it per record was a third of the detector's time)."""
+    from scipy.signal import butter  # on first use (see find_peaks below)
+
     high = min(QRS_BAND[1], 0.45 * sampling_rate)
     return butter(2, [QRS_BAND[0], high], btype="band", fs=sampling_rate, output="sos")
 
 
 def detect_beats(signal: np.ndarray, sampling_rate: float) -> np.ndarray:
     """Sample indices of the QRS complexes in ``[leads, T]`` (or one lead ``[T]``)."""
+    # imported on first use: scipy.signal is about 2 s of every process's start (each CLI call,
+    # each DataLoader worker), and most processes never detect a beat
+    from scipy.signal import find_peaks, sosfiltfilt
+
     signal = np.atleast_2d(np.asarray(signal, dtype=np.float64))
     rate = float(sampling_rate)
     if signal.shape[-1] < 2 * rate:  # under two seconds: no RR interval worth a channel
