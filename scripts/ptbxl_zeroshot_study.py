@@ -618,25 +618,12 @@ def model_costs(names: Dict[str, str], batch_size: int, seconds: float, rounds: 
 
     import torch
 
-    from open_clip_ecg import MultiLabelSigLipLoss
-    from open_clip_ecg.data.pipeline import pack_text_and_labels
-    from open_clip_ecg.training.label_passing import enable_label_passing
+    from open_clip_ecg.training.synthetic_step import synthetic_training_step
 
     torch.manual_seed(0)
-    loss, step_fns, out = MultiLabelSigLipLoss(), {}, {}
+    step_fns, out = {}, {}
     for label, name in names.items():
-        model = enable_label_passing(open_clip.create_model(name, output_dict=True))
-        model.train()
-        ecg = torch.randn(batch_size, model.visual.trunk.in_chans, int(100 * seconds))  # leads (+ RR channels)
-        tokens = open_clip.get_tokenizer(name)([f"sinus rhythm, report {i}" for i in range(batch_size)])
-        labels = (torch.rand(batch_size, 71) < 0.1).float()
-        packed = torch.stack([pack_text_and_labels(t, y) for t, y in zip(tokens, labels)])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step(model=model, ecg=ecg, packed=packed, optimizer=optimizer):
-            optimizer.zero_grad()
-            sum(loss(**model(ecg, packed), output_dict=True).values()).backward()
-            optimizer.step()
+        model, step = synthetic_training_step(name, batch_size, int(100 * seconds))
         step()  # warm-up
         step_fns[label] = step
         out[label] = {"parameters": sum(p.numel() for p in model.parameters()), "step_seconds": float("inf")}

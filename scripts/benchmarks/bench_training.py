@@ -55,6 +55,7 @@ from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.text import TrainingTextSampler
 from open_clip_ecg.leads import LEAD_SETS
 from open_clip_ecg.training.label_passing import enable_label_passing
+from open_clip_ecg.training.synthetic_step import synthetic_training_step
 
 MODEL = "ECG-RN18-CLIPText"
 RECIPE_MODEL = "ECG-RN18-RR-CLIPText"  # the quickstart's PTB-XL model
@@ -288,29 +289,9 @@ def tower_consumption(device, precision, batch_size) -> dict:
     the FLOPs per sample of forward+backward (torch's FLOP counter) for a GPU estimate."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from open_clip_train.precision import get_autocast
-
     torch.manual_seed(0)
-    model = enable_label_passing(open_clip.create_model(RECIPE_MODEL, output_dict=True, device=device,
-                                                        precision=precision, init_logit_bias=-10))
-    loss = open_clip_ecg.MultiLabelSigLipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokenizer = open_clip.get_tokenizer(RECIPE_MODEL)
-    n = int(RECIPE_RATE * RECIPE_CROP_SECONDS)
-    ecg = torch.randn(batch_size, 14, n, device=device)
-    labels = (torch.rand(batch_size, 71) < 0.1).float()
-    packed = torch.stack([pack_text_and_labels(t, lab) for t, lab in
-                          zip(tokenizer([f"sinus rhythm, report {i}" for i in range(batch_size)]), labels)]).to(device)
-    autocast = get_autocast(precision, device_type=torch.device(device).type)
-
-    def step():
-        optimizer.zero_grad()
-        with autocast():
-            total = sum(loss(**model(ecg, packed), output_dict=True).values())
-        total.backward()
-        optimizer.step()
-
-    model.train()
+    _, step = synthetic_training_step(RECIPE_MODEL, batch_size, int(RECIPE_RATE * RECIPE_CROP_SECONDS), device=device,
+                                      precision=precision, init_logit_bias=-10)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
