@@ -41,7 +41,6 @@ import open_clip
 import torch
 import webdataset as wds
 
-import open_clip_ecg
 from open_clip_ecg.data.pipeline import (
     ContrastivePair,
     ECGSamplePreparer,
@@ -54,8 +53,7 @@ from open_clip_ecg.data.pipeline import (
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.text import TrainingTextSampler
 from open_clip_ecg.leads import LEAD_SETS
-from open_clip_ecg.training.label_passing import enable_label_passing
-from open_clip_ecg.training.synthetic_step import synthetic_training_step
+from open_clip_ecg.training.synthetic_step import synthetic_training_step, training_parts
 
 MODEL = "ECG-RN18-CLIPText"
 RECIPE_MODEL = "ECG-RN18-RR-CLIPText"  # the quickstart's PTB-XL model
@@ -76,31 +74,15 @@ def _in_memory_batches(tokenizer, n_batches, batch_size, n_samples, n_labels, de
     return batches
 
 
-def _fresh(device, precision):
-    torch.manual_seed(0)
-    model = enable_label_passing(open_clip.create_model(
-        MODEL, output_dict=True, device=device, precision=precision, init_logit_bias=-10))
-    loss = open_clip_ecg.MultiLabelSigLipLoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, loss, optimizer
-
-
 def bare_loop_rate(batches, device, precision) -> float:
-    from open_clip_train.precision import get_autocast
-
-    model, loss, optimizer = _fresh(device, precision)
-    autocast = get_autocast(precision, device_type=torch.device(device).type)
-    model.train()
+    torch.manual_seed(0)
+    step = training_parts(MODEL, device, precision, init_logit_bias=-10).step
     start = None
     for i, (ecg, packed) in enumerate(batches):
         if i == 1:  # first step is warm-up
             _sync(device)
             start = time.perf_counter()
-        optimizer.zero_grad()
-        with autocast():
-            total = sum(loss(**model(ecg, packed), output_dict=True).values())
-        total.backward()
-        optimizer.step()
+        step(ecg, packed)
     _sync(device)
     return (len(batches) - 1) * len(batches[0][0]) / (time.perf_counter() - start)
 
@@ -109,7 +91,8 @@ def open_clip_loop_rate(batches, device, precision) -> float:
     from open_clip_train.data import DataInfo
     from open_clip_train.train import train_one_epoch
 
-    model, loss, optimizer = _fresh(device, precision)
+    torch.manual_seed(0)
+    model, loss, optimizer, _ = training_parts(MODEL, device, precision, init_logit_bias=-10)
     batch_size = len(batches[0][0])
     args = SimpleNamespace(
         device=device, precision=precision, accum_freq=1, distill=False, skip_scheduler=True,
