@@ -131,3 +131,70 @@ def test_finding_groups_of_a_task_read_its_members_in_the_vocabulary():
                       "normal ECG": [0], "ST/T change": []}
     with pytest.raises(ValueError, match="'labels' is the vocabulary itself"):
         finding_groups(["labels"], vocabulary)
+
+
+# ----------------------------------------------------------------- encoding without the padding
+def _twin_models(pool_type):
+    """open_clip's ECG-RN18-CLIPText and a copy with the padding-skipping encode_text."""
+    import copy
+
+    from open_clip_ecg.training.unpadded_text import enable_unpadded_text
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ECG-RN18-CLIPText")
+    model.text_pool_type, model.text_eos_id = pool_type, 49407  # the CLIP tokenizer's end of text
+    return model, enable_unpadded_text(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("pool_type", ["argmax", "eos", "first"])
+def test_unpadded_text_gives_open_clips_features_and_gradients(pool_type):
+    from open_clip_ecg.training.unpadded_text import unpadded_length
+
+    model, unpadded = _twin_models(pool_type)
+    assert unpadded.encode_text != model.encode_text
+    tokens = open_clip.get_tokenizer("ECG-RN18-CLIPText")(["sinus rhythm with left axis deviation"] * 3 + ["normal"])
+    assert unpadded_length(tokens, pool_type, 49407) < tokens.shape[1] // 2  # it does skip most of the 77
+    features = [m.encode_text(tokens, normalize=True) for m in (model, unpadded)]
+    torch.testing.assert_close(features[1], features[0], rtol=0, atol=1e-6)
+    for m, f in zip((model, unpadded), features):
+        (f * torch.arange(f.shape[1])).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), unpadded.parameters()):
+        if p.grad is not None:
+            # the same sums in another order (the MLP's GEMMs over fewer rows): float32's last bits
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()), msg=name)
+
+
+def test_unpadded_length_keeps_each_rows_pooled_position():
+    from open_clip_ecg.training.unpadded_text import unpadded_length
+
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    tokens[0, :6] = torch.tensor([49406, 5, 6, 7, 8, 49407])
+    tokens[1, :3] = torch.tensor([49406, 5, 49407])
+    assert unpadded_length(tokens, "argmax", multiple=1) == 6
+    assert unpadded_length(tokens, "eos", 49407, multiple=1) == 6
+    assert unpadded_length(tokens, "first", multiple=1) == 1
+    assert unpadded_length(tokens, "argmax") == 8  # rounded up to the multiple
+    tokens[1] = 5
+    tokens[1, -1] = 49407  # a text that fills the context
+    assert unpadded_length(tokens, "argmax") == 77
+
+
+@pytest.mark.parametrize("change", ["no causal mask", "last pooling"])
+def test_text_towers_that_read_the_padding_keep_open_clips_encode_text(change):
+    from open_clip_ecg.training.label_passing import enable_label_passing
+
+    model = open_clip.create_model("ECG-RN18-CLIPText")
+    if change == "no causal mask":
+        model.attn_mask = None
+    else:
+        model.text_pool_type = "last"  # the last position reads every pad before it
+    assert enable_label_passing(model).encode_text == model.encode_text.__func__.__get__(model)
+    assert "encode_text" not in vars(model)
+
+
+def test_the_training_forward_encodes_without_the_padding():
+    from open_clip_ecg.training.label_passing import enable_label_passing
+    from open_clip_ecg.training.unpadded_text import _encode_text_unpadded
+
+    model = enable_label_passing(open_clip.create_model("ECG-RN18-CLIPText"))
+    assert vars(model)["encode_text"].__func__ is _encode_text_unpadded

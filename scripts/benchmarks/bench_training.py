@@ -22,7 +22,11 @@ workers), interleaved rounds, best round of each:
   at read time with today's code);
 * ``loader_per_worker_vs_tower_step``: the recipe loader's samples/s per worker over what the
   RR tower's forward+backward consumes on this device; the figures add FLOPs per sample, from
-  which a GPU's consumption is estimated (``gpu_samples_per_s_at_10pct_of_<peak>``).
+  which a GPU's consumption is estimated (``gpu_samples_per_s_at_10pct_of_<peak>``);
+* ``recipe_step_open_clip_text_vs_unpadded``: a training step of the recipe model on one batch of
+  its loader (its own text lengths) with open_clip's ``encode_text`` (all 77 positions), over
+  the same step with the text encoded without its padding (``training.unpadded_text``, what
+  training uses): the speed-up, interleaved rounds, best of each.
 
     python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR]
 """
@@ -287,6 +291,39 @@ def tower_consumption(device, precision, batch_size) -> dict:
             "flops_per_sample_fwd_bwd": counter.get_total_flops() / batch_size}
 
 
+def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
+    """Seconds of one recipe training step on one loader batch, with open_clip's ``encode_text``
+    and with the padding-skipping one training installs; the batch's text lengths beside them."""
+    from open_clip_ecg.data.pipeline import unpack_text_and_labels
+    from open_clip_ecg.training.unpadded_text import unpadded_length
+
+    preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
+    loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
+                               batch_size=batch_size, workers=0, resampled=True, num_samples=batch_size).dataloader
+    ecg, packed = (t.to(device) for t in next(iter(loader)))
+    steps = {}
+    for name in ("open_clip_text", "unpadded_text"):
+        torch.manual_seed(0)
+        parts = training_parts(RECIPE_MODEL, device, precision, init_logit_bias=-10)
+        if name == "open_clip_text":
+            del vars(parts.model)["encode_text"]  # back to open_clip's CLIP.encode_text
+        parts.step(ecg, packed)  # warm-up
+        steps[name] = parts.step
+    seconds = {name: float("inf") for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step(ecg, packed)
+            _sync(device)
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    tokens = unpack_text_and_labels(packed).tokens
+    return {**{f"recipe_step_s_{name}": s for name, s in seconds.items()},
+            "recipe_text_tokens_mean": float((tokens.argmax(dim=-1) + 1).float().mean()),
+            "recipe_text_positions_encoded": unpadded_length(tokens, "argmax"),
+            "recipe_text_context_length": tokens.shape[1]}
+
+
 def recipe_figures(quick, device, precision, ptbxl) -> tuple:
     batch_size = 16 if quick else 64
     rounds = 1 if quick else 3
@@ -296,6 +333,7 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
         older = expand_shards(_write_recipe_shards(tmp, ptbxl, n_records, beats=False), split="train")
         per_core = recipe_pipeline_rates(with_beats, older, rounds)
         per_worker = {w: _loader_rate(with_beats, batch_size, w, 3 if quick else 12) / w for w in (1, 2)}
+        padding = text_padding_steps(with_beats, device, precision, batch_size, rounds)
     tower = tower_consumption(device, precision, batch_size)
     gpu = 0.1 * BF16_PEAK_FLOPS / tower["flops_per_sample_fwd_bwd"]
     figures = {
@@ -304,6 +342,7 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
         **{f"per_core_samples_per_s_{k}": v for k, v in per_core.items()},
         **{f"loader_samples_per_s_per_worker_{w}_workers": v for w, v in per_worker.items()},
         **tower,
+        **padding,
         f"gpu_samples_per_s_at_10pct_of_{BF16_PEAK_FLOPS / 1e12:g}_tflops": gpu,
     }
     ratios = {}
@@ -313,6 +352,8 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
         ratios[f"rr_recipe_vs_today_per_core_{epoch}"] = rr / per_core[f"rr_recipe_today_{epoch}"]
         ratios[f"rr_recipe_older_shards_vs_plain_per_core_{epoch}"] = per_core[f"rr_recipe_older_shards_{epoch}"] / plain
     ratios["loader_per_worker_vs_tower_step"] = per_worker[1] / tower["tower_step_samples_per_s"]
+    ratios["recipe_step_open_clip_text_vs_unpadded"] = (padding["recipe_step_s_open_clip_text"]
+                                                       / padding["recipe_step_s_unpadded_text"])
     return figures, ratios
 
 

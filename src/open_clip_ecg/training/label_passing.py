@@ -5,7 +5,8 @@ per-sample channel from loader to loss is the batch itself. The multi-hot labels
 each text row (:mod:`open_clip_ecg.data.pipeline`), which keeps them aligned through
 ``.to(device)``, DDP and ``--accum-freq`` caches; a fingerprint taken when the sample is read is
 checked on every forward (the label-alignment contract), and the forward returns the labels as
-``labels``/``text_labels`` next to the features.
+``labels``/``text_labels`` next to the features. The same forward encodes texts without their
+padding (:mod:`.unpadded_text`): exact, and most of a CPU step's text work saved.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from ..data.pipeline import fingerprint, unpack_text_and_labels
 from .finding_texts import FindingTextTokens
+from .unpadded_text import enable_unpadded_text
 
 
 class LabelAlignmentError(RuntimeError):
@@ -52,7 +54,8 @@ def _labelled_forward(self, image=None, text=None, finding_tokens: Optional[Find
 def enable_label_passing(model: torch.nn.Module,
                          finding_tokens: Optional[FindingTextTokens] = None) -> torch.nn.Module:
     """Make `model` accept packed (labels + tokens) text rows (and embed the finding texts with
-    each batch when given); weights and state_dict unchanged."""
+    each batch when given), encoding texts without their padding; weights and state_dict unchanged."""
+    enable_unpadded_text(model)
     forward = functools.partial(_labelled_forward, finding_tokens=finding_tokens)
     model.forward = types.MethodType(forward, model)
     return model
