@@ -1,4 +1,6 @@
 """Training texts: the finding sentence survives tokenisation, per-step sampling states its findings."""
+from unittest import mock
+
 import open_clip
 import pytest
 import torch
@@ -134,27 +136,31 @@ def test_finding_groups_of_a_task_read_its_members_in_the_vocabulary():
 
 
 # ----------------------------------------------------------------- encoding without the padding
-def _twin_models(pool_type):
-    """open_clip's ECG-RN18-CLIPText and a copy with the padding-skipping encode_text."""
+def _twin_models(model_name, pool_type=None):
+    """open_clip's `model_name` and a copy with the padding-skipping encode_text."""
     import copy
 
     from open_clip_ecg.training.unpadded_text import enable_unpadded_text
 
     torch.manual_seed(0)
-    model = open_clip.create_model("ECG-RN18-CLIPText")
-    model.text_pool_type, model.text_eos_id = pool_type, 49407  # the CLIP tokenizer's end of text
+    model = open_clip.create_model(model_name)
+    if pool_type:
+        model.text_pool_type, model.text_eos_id = pool_type, 49407  # the CLIP tokenizer's end of text
     return model, enable_unpadded_text(copy.deepcopy(model))
 
 
-@pytest.mark.parametrize("pool_type", ["argmax", "eos", "first"])
-def test_unpadded_text_gives_open_clips_features_and_gradients(pool_type):
-    from open_clip_ecg.training.unpadded_text import unpadded_length
-
-    model, unpadded = _twin_models(pool_type)
+@pytest.mark.parametrize("model_name, pool_type", [("ECG-RN18-CLIPText", "argmax"), ("ECG-RN18-CLIPText", "eos"),
+                                                   ("ECG-RN18-CLIPText", "first"), ("ECG-RN18-MiniLM", None)])
+def test_unpadded_text_gives_open_clips_features_and_gradients(model_name, pool_type):
+    model, unpadded = _twin_models(model_name, pool_type)
     assert unpadded.encode_text != model.encode_text
-    tokens = open_clip.get_tokenizer("ECG-RN18-CLIPText")(["sinus rhythm with left axis deviation"] * 3 + ["normal"])
-    assert unpadded_length(tokens, pool_type, 49407) < tokens.shape[1] // 2  # it does skip most of the 77
-    features = [m.encode_text(tokens, normalize=True) for m in (model, unpadded)]
+    tokens = open_clip.get_tokenizer(model_name)(["sinus rhythm with left axis deviation"] * 3 + ["normal"])
+    encoded = []
+    with mock.patch.object(torch.nn.Embedding, "forward", autospec=True,
+                           side_effect=lambda m, x: (encoded.append(x.shape[1]), torch.nn.functional.embedding(
+                               x, m.weight, m.padding_idx))[1]):
+        features = [m.encode_text(tokens, normalize=True) for m in (model, unpadded)]
+    assert encoded[0] == tokens.shape[1] and encoded[-1] <= 16  # it does skip the padding
     torch.testing.assert_close(features[1], features[0], rtol=0, atol=1e-6)
     for m, f in zip((model, unpadded), features):
         (f * torch.arange(f.shape[1])).sum().backward()
@@ -179,15 +185,27 @@ def test_unpadded_length_keeps_each_rows_pooled_position():
     assert unpadded_length(tokens, "argmax") == 77
 
 
-@pytest.mark.parametrize("change", ["no causal mask", "last pooling"])
+def test_unpadded_hf_length_keeps_every_column_that_is_not_all_padding():
+    from open_clip_ecg.training.unpadded_text import unpadded_hf_length
+
+    tokens = torch.zeros(2, 128, dtype=torch.long)
+    tokens[0, :5], tokens[1, :9] = 7, 7
+    assert unpadded_hf_length(tokens, 0, multiple=1) == 9
+    assert unpadded_hf_length(tokens, 0) == 16
+    assert unpadded_hf_length(tokens, 7, multiple=1) == 128  # 0 is not padding there
+
+
+@pytest.mark.parametrize("change", ["no causal mask", "last pooling", "token outputs"])
 def test_text_towers_that_read_the_padding_keep_open_clips_encode_text(change):
     from open_clip_ecg.training.label_passing import enable_label_passing
 
-    model = open_clip.create_model("ECG-RN18-CLIPText")
+    model = open_clip.create_model("ECG-RN18-MiniLM" if change == "token outputs" else "ECG-RN18-CLIPText")
     if change == "no causal mask":
         model.attn_mask = None
-    else:
+    elif change == "last pooling":
         model.text_pool_type = "last"  # the last position reads every pad before it
+    else:
+        model.text.output_tokens = True  # the token features would lose their padding columns
     assert enable_label_passing(model).encode_text == model.encode_text.__func__.__get__(model)
     assert "encode_text" not in vars(model)
 

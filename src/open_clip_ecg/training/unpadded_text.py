@@ -1,17 +1,23 @@
 """Text encoding that skips the padding: the same features and gradients for a fraction of the work.
 
-open_clip's ``CLIP.encode_text`` runs every text through all ``context_length`` (77) positions.
-Under its causal mask, position i attends only to positions <= i, and the pooled position (the
-end-of-text token for ``argmax``/``eos`` pooling, position 0 for ``first``) is the only output
-used; so the positions after a batch's last pooled one change nothing, neither a feature nor a
-gradient. ECG reports and finding texts are short (PTB-XL's fill about a quarter of the 77), and
-the text tower was about three quarters of a CPU training step of ``ECG-RN18-RR-CLIPText``
-(``scripts/benchmarks/bench_training.py`` measures the step both ways).
+open_clip runs every text through all ``context_length`` positions (77 for its own text
+transformer, 128 for ``ECG-RN18-MiniLM``), padding included. Two tower kinds provably ignore the
+trailing padding, so a batch can be cut after its last position that matters:
 
-:func:`enable_unpadded_text` gives a model an ``encode_text`` that cuts each batch after its last
-pooled position (rounded up to a multiple of 8, which keeps the shapes few for ``torch.compile``
-and aligned for tensor cores). Models it cannot prove this for (no causal mask, ``last`` or mean
-pooling, ``CustomTextCLIP`` towers) are left as they are.
+* open_clip's own text transformer (``CLIP``) under its causal mask: position i attends only to
+  positions <= i, and the pooled position (the end-of-text token for ``argmax``/``eos`` pooling,
+  position 0 for ``first``) is the only output used, so the positions after a batch's last pooled
+  one change neither a feature nor a gradient;
+* Hugging Face encoders (``CustomTextCLIP`` with ``HFTextEncoder``): the attention mask hides the
+  pad tokens from every other token and from the pooler (mean, max, CLS), so trailing columns
+  that are padding in every row change nothing either.
+
+ECG reports and finding texts are short (PTB-XL's fill about a quarter of the 77), and the text
+tower was about three quarters of a CPU training step of the PTB-XL recipe
+(``scripts/benchmarks/bench_training.py`` measures the step both ways). The cut is rounded up to
+a multiple of 8, which keeps the shapes few for ``torch.compile`` and aligned for tensor cores.
+:func:`enable_unpadded_text` leaves every other model as it is (no causal mask, ``last``
+pooling, towers that also return their token features, LLM towers).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import types
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.hf_model import HFTextEncoder
 from open_clip.transformer import text_global_pool
 
 LENGTH_MULTIPLE = 8
@@ -34,7 +41,17 @@ def unpadded_length(text: torch.Tensor, pool_type: str, eos_id=None, multiple: i
         last = int(text.argmax(dim=-1).max())
     else:  # eos: text_global_pool's index (the first eos; 0 when a row has none)
         last = int((text == eos_id).int().argmax(dim=-1).max())
-    return min(text.shape[1], -(-(last + 1) // multiple) * multiple)
+    return _rounded_up(last + 1, multiple, text.shape[1])
+
+
+def unpadded_hf_length(text: torch.Tensor, pad_id: int, multiple: int = LENGTH_MULTIPLE) -> int:
+    """The number of leading columns of `text` that are not padding in every row."""
+    used = (text != pad_id).any(dim=0).nonzero()
+    return _rounded_up(int(used.max()) + 1 if len(used) else 1, multiple, text.shape[1])
+
+
+def _rounded_up(length: int, multiple: int, context_length: int) -> int:
+    return min(context_length, -(-length // multiple) * multiple)
 
 
 def _encode_text_unpadded(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
@@ -51,10 +68,19 @@ def _encode_text_unpadded(self, text: torch.Tensor, normalize: bool = False) -> 
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def _encode_hf_text_unpadded(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``CustomTextCLIP.encode_text`` of an HF encoder on the columns that are not all padding."""
+    features = self.text(text[:, :unpadded_hf_length(text, self.text.config.pad_token_id)])
+    return F.normalize(features, dim=-1) if normalize else features
+
+
 def enable_unpadded_text(model: torch.nn.Module) -> torch.nn.Module:
     """Give `model` the padding-skipping ``encode_text`` when its text tower allows it (see the
     module docstring); weights and state_dict unchanged. Returns `model`."""
     if (type(model) is open_clip.CLIP and getattr(model, "attn_mask", None) is not None
             and model.text_pool_type in POOLS_BEFORE_PADDING):
         model.encode_text = types.MethodType(_encode_text_unpadded, model)
+    elif (type(model) is open_clip.CustomTextCLIP and type(model.text) is HFTextEncoder
+          and not model.text.output_tokens and model.text.config.pad_token_id is not None):
+        model.encode_text = types.MethodType(_encode_hf_text_unpadded, model)
     return model
