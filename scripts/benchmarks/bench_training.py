@@ -295,7 +295,7 @@ def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
     """Seconds of one recipe training step on one loader batch, with open_clip's ``encode_text``
     and with the padding-skipping one training installs; the batch's text lengths beside them."""
     from open_clip_ecg.data.pipeline import unpack_text_and_labels
-    from open_clip_ecg.training.unpadded_text import unpadded_length
+    from open_clip_ecg.training.unpadded_text import bucket_lengths, pooled_lengths
 
     preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
     loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
@@ -318,9 +318,11 @@ def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
             _sync(device)
             seconds[name] = min(seconds[name], time.perf_counter() - start)
     tokens = unpack_text_and_labels(packed).tokens
+    lengths = pooled_lengths(tokens, "argmax")
+    encoded = bucket_lengths(lengths, tokens.shape[1])
     return {**{f"recipe_step_s_{name}": s for name, s in seconds.items()},
-            "recipe_text_tokens_mean": float((tokens.argmax(dim=-1) + 1).float().mean()),
-            "recipe_text_positions_encoded": unpadded_length(tokens, "argmax"),
+            "recipe_text_tokens_mean": float(lengths.float().mean()),
+            "recipe_text_positions_encoded_mean": float(encoded.float().mean()),
             "recipe_text_context_length": tokens.shape[1]}
 
 
