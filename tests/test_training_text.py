@@ -140,7 +140,7 @@ def _twin_models(model_name, pool_type=None):
     """open_clip's `model_name` and a copy with the padding-skipping encode_text."""
     import copy
 
-    from open_clip_ecg.training.unpadded_text import enable_unpadded_text
+    from open_clip_ecg.unpadded_text import enable_unpadded_text
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name)
@@ -178,7 +178,7 @@ def test_unpadded_text_gives_open_clips_features_and_gradients(model_name, pool_
 
 
 def test_pooled_lengths_end_at_each_rows_pooled_position():
-    from open_clip_ecg.training.unpadded_text import pooled_lengths
+    from open_clip_ecg.unpadded_text import pooled_lengths
 
     tokens = torch.zeros(3, 77, dtype=torch.long)
     tokens[0, :6] = torch.tensor([49406, 5, 6, 7, 8, 49407])
@@ -190,7 +190,7 @@ def test_pooled_lengths_end_at_each_rows_pooled_position():
 
 
 def test_unpadded_lengths_end_after_each_rows_last_real_token():
-    from open_clip_ecg.training.unpadded_text import unpadded_lengths
+    from open_clip_ecg.unpadded_text import unpadded_lengths
 
     tokens = torch.zeros(3, 128, dtype=torch.long)
     tokens[0, :5], tokens[1, :9] = 7, 7
@@ -199,7 +199,7 @@ def test_unpadded_lengths_end_after_each_rows_last_real_token():
 
 
 def test_length_buckets_encode_each_row_once_and_keep_the_order():
-    from open_clip_ecg.training.unpadded_text import encode_in_length_buckets
+    from open_clip_ecg.unpadded_text import encode_in_length_buckets
 
     text = torch.zeros(5, 77, dtype=torch.long)
     lengths = torch.tensor([3, 40, 17, 77, 16])
@@ -232,9 +232,17 @@ def test_text_towers_that_read_the_padding_keep_open_clips_encode_text(change):
     assert "encode_text" not in vars(model)
 
 
+def test_load_model_encodes_without_the_padding_as_training_does():
+    from open_clip_ecg.factory import load_model
+    from open_clip_ecg.unpadded_text import _encode_text_unpadded
+
+    model, _ = load_model("ECG-RN18-CLIPText")
+    assert vars(model)["encode_text"].__func__ is _encode_text_unpadded
+
+
 def test_the_training_forward_encodes_without_the_padding():
     from open_clip_ecg.training.label_passing import enable_label_passing
-    from open_clip_ecg.training.unpadded_text import _encode_hf_text_unpadded, _encode_text_unpadded
+    from open_clip_ecg.unpadded_text import _encode_hf_text_unpadded, _encode_text_unpadded
 
     for name, encode in (("ECG-RN18-CLIPText", _encode_text_unpadded), ("ECG-RN18-MiniLM", _encode_hf_text_unpadded)):
         model = enable_label_passing(open_clip.create_model(name))

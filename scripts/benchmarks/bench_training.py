@@ -25,7 +25,7 @@ workers), interleaved rounds, best round of each:
   which a GPU's consumption is estimated (``gpu_samples_per_s_at_10pct_of_<peak>``);
 * ``recipe_step_open_clip_text_vs_unpadded``: a training step of the recipe model on one batch of
   its loader (its own text lengths) with open_clip's ``encode_text`` (all 77 positions), over
-  the same step with the text encoded without its padding (``training.unpadded_text``, what
+  the same step with the text encoded without its padding (``open_clip_ecg.unpadded_text``, what
   training uses): the speed-up, interleaved rounds, best of each.
 
     python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR]
@@ -295,7 +295,7 @@ def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
     """Seconds of one recipe training step on one loader batch, with open_clip's ``encode_text``
     and with the padding-skipping one training installs; the batch's text lengths beside them."""
     from open_clip_ecg.data.pipeline import unpack_text_and_labels
-    from open_clip_ecg.training.unpadded_text import bucket_lengths, pooled_lengths
+    from open_clip_ecg.unpadded_text import bucket_lengths, pooled_lengths
 
     preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
     loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,

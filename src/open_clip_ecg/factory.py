@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .exported_folder import exported_preprocess
 from .model_preprocess import ECGPreprocess, read_checkpoint_preprocess
+from .unpadded_text import enable_unpadded_text
 
 
 def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
@@ -30,7 +31,8 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
     AttributeError while resizing positional embeddings); any failure is diagnosed here and, if the
     tensors do not fit the model, becomes a ValueError naming both and the differing tensors.
     ``None`` gives fresh initial weights. The checkpoint's recorded ECG preprocessing (or None) becomes
-    ``model.ecg_preprocess``.
+    ``model.ecg_preprocess``. Texts are encoded without their padding (:mod:`.unpadded_text`), as in
+    training.
     """
     import open_clip
     from open_clip.factory import parse_model_name
@@ -43,7 +45,7 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
         ecg_preprocess = exported_preprocess(name)  # checked before anything is built from the folder
         model = open_clip.create_model(name, device=device).eval()
         model.ecg_preprocess = ecg_preprocess
-        return model, open_clip.get_tokenizer(name)
+        return enable_unpadded_text(model), open_clip.get_tokenizer(name)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; ECG models: {', '.join(list_ecg_models())}")
     if pretrained is not None and not os.path.isfile(pretrained):
@@ -57,7 +59,7 @@ def load_model(name: str, pretrained: Optional[str] = None, device="cpu"):
         raise
     model.eval()
     model.ecg_preprocess = read_checkpoint_preprocess(pretrained) if pretrained is not None else None
-    return model, open_clip.get_tokenizer(name)
+    return enable_unpadded_text(model), open_clip.get_tokenizer(name)
 
 
 def state_dict_mismatch(state: Dict, expected: Dict) -> List[str]:

@@ -6,7 +6,7 @@ each text row (:mod:`open_clip_ecg.data.pipeline`), which keeps them aligned thr
 ``.to(device)``, DDP and ``--accum-freq`` caches; a fingerprint taken when the sample is read is
 checked on every forward (the label-alignment contract), and the forward returns the labels as
 ``labels``/``text_labels`` next to the features. The same forward encodes texts without their
-padding (:mod:`.unpadded_text`): exact, and most of a CPU step's text work saved.
+padding (:mod:`open_clip_ecg.unpadded_text`): exact, and most of a CPU step's text work saved.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from ..data.pipeline import fingerprint, unpack_text_and_labels
 from .finding_texts import FindingTextTokens
-from .unpadded_text import enable_unpadded_text
+from ..unpadded_text import enable_unpadded_text
 
 
 class LabelAlignmentError(RuntimeError):
