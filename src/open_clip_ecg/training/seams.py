@@ -14,7 +14,9 @@ seam                                        why
                                             carried with the text and returns them as
                                             ``labels`` (accumulation caches them like features),
                                             plus the embedded ``--ecg-finding-texts`` (groups too),
-                                            and a lock_image_tower that also freezes
+                                            and an ``encode_text`` that skips each text's
+                                            padding (exact; ``open_clip_ecg.unpadded_text``), and a
+                                            lock_image_tower that also freezes
                                             BatchNorm1d (open_clip's only freezes 2-D)
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default),
                                             stopping the run at the first non-finite loss
