@@ -53,11 +53,13 @@ from open_clip_ecg.data.pipeline import (
     make_train_loader,
     read_tar,
     pack_text_and_labels,
+    unpack_text_and_labels,
 )
 from open_clip_ecg.data.manifest import read_shard_info
 from open_clip_ecg.data.text import TrainingTextSampler
 from open_clip_ecg.leads import LEAD_SETS
 from open_clip_ecg.training.synthetic_step import synthetic_training_step, training_parts
+from open_clip_ecg.unpadded_text import bucket_lengths, pooled_lengths
 
 MODEL = "ECG-RN18-CLIPText"
 RECIPE_MODEL = "ECG-RN18-RR-CLIPText"  # the quickstart's PTB-XL model
@@ -294,9 +296,6 @@ def tower_consumption(device, precision, batch_size) -> dict:
 def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
     """Seconds of one recipe training step on one loader batch, with open_clip's ``encode_text``
     and with the padding-skipping one training installs; the batch's text lengths beside them."""
-    from open_clip_ecg.data.pipeline import unpack_text_and_labels
-    from open_clip_ecg.unpadded_text import bucket_lengths, pooled_lengths
-
     preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
     loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
                                batch_size=batch_size, workers=0, resampled=True, num_samples=batch_size).dataloader

@@ -74,7 +74,8 @@ def encode_in_length_buckets(encode_prefix: Callable[[torch.Tensor], torch.Tenso
 
 
 def _clip_encode_prefix(self, text: torch.Tensor) -> torch.Tensor:
-    """``CLIP.encode_text`` (unnormalised) of texts cut to ``text.shape[1]`` positions."""
+    """``CLIP.encode_text`` (unnormalised) of texts cut to ``text.shape[1]`` positions. Its steps,
+    written out because open_clip's adds all 77 positional embeddings and the 77 x 77 mask."""
     length = text.shape[1]
     cast_dtype = self.transformer.get_cast_dtype()
     x = self.token_embedding(text).to(cast_dtype) + self.positional_embedding[:length].to(cast_dtype)

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from ..data.pipeline import fingerprint, unpack_text_and_labels
-from .finding_texts import FindingTextTokens
 from ..unpadded_text import enable_unpadded_text
+from .finding_texts import FindingTextTokens
 
 
 class LabelAlignmentError(RuntimeError):
