@@ -6,7 +6,7 @@ On a CUDA machine, in under 8 minutes on one GPU:
    the CPU, bf16 autocast, the loss over NCCL with two GPUs or more);
 2. a short bf16 (``amp_bf16``) training of the PTB-XL recipe (the quickstart's model and flags) on
    synthetic shards, ``torchrun --nproc_per_node=<GPUs>`` over NCCL, with validation and zero-shot;
-3. the benchmarks with ``--device cuda``.
+3. the benchmarks with ``--device cuda`` (``--compile``: the training step under torch.compile too).
 
 It prints the ECG tower's achieved fraction of the GPU's dense bf16 peak and the share of each
 training step spent waiting for data, and writes everything to ``OUT/gpu_check.json``. Without
@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="work folder (default: a new temporary folder, kept)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak, if its name is not in utilization.BF16_PEAK_TFLOPS")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the training step under torch.compile (--torchcompile; adds minutes)")
     args = parser.parse_args(argv)
     try:
         n_gpus, gpu = require_cuda()
@@ -152,8 +154,8 @@ def main(argv=None) -> int:
         towers = json.loads(run("3/3 benchmark: towers", [python, "scripts/benchmarks/bench_towers.py", "--device",
                                                           "cuda", *peak], out / "bench_towers.log", 300, env=env))
         training = json.loads(run("3/3 benchmark: training", [python, "scripts/benchmarks/bench_training.py",
-                                                              "--device", "cuda"], out / "bench_training.log", 300,
-                                  env=env))
+                                                              "--device", "cuda", *(["--compile"] if args.compile else [])],
+                                  out / "bench_training.log", 600 if args.compile else 300, env=env))
         summary["benchmarks"] = {"towers": towers, "training": training}
     except CheckFailed as failure:
         print(f"\ngpu_check: FAILED: {failure}", file=sys.stderr)

@@ -6,7 +6,7 @@
 # then prints the ECG tower's fraction of the GPU's bf16 peak and the share of each step spent waiting
 # for data. Without CUDA it stops at once: exit status 1 and one line "gpu_check: FAILED: ...".
 #
-#   scripts/gpu_check.sh [--out DIR] [--peak-tflops TFLOPS]      (PYTHON=... picks the interpreter)
+#   scripts/gpu_check.sh [--out DIR] [--peak-tflops TFLOPS] [--compile]   (PYTHON=... picks the interpreter)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 exec "${PYTHON:-python}" scripts/gpu_check.py "$@"

@@ -34,3 +34,16 @@ def test_scale_benchmark_runs_on_tiny_mimic_layouts(tmp_path):
     assert report["figures"]["sizes"] == [8, 20]
     assert all(v > 0 for v in report["ratios"].values()), report
     assert (tmp_path / "mimic-20" / "files").is_dir() and (tmp_path / "shards-20-1" / "manifest.json").is_file()
+
+
+def test_the_compiled_recipe_step_compiles_nothing_on_a_second_pass(tmp_path):
+    """bench_training --compile's figures (the eager backend here: inductor takes minutes on a CPU)."""
+    sys.path.insert(0, str(SCRIPT.parent / "benchmarks"))
+    import bench_training
+    from open_clip_ecg.data.pipeline import expand_shards
+
+    shards = expand_shards(bench_training._write_recipe_shards(str(tmp_path), None, 32, beats=True), split="train")
+    figures = bench_training.compiled_steps(shards, "cpu", "fp32", 8, 3, backend="eager")
+    assert figures["compile_graphs_first_pass"] > 0 and figures["compile_graphs_timed_pass"] == 0
+    assert figures["recipe_step_s_eager"] > 0 and figures["recipe_step_s_compiled"] > 0
+    assert figures["compile_backend"] == "eager" and figures["compile_batches"] == 3

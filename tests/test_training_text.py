@@ -247,3 +247,39 @@ def test_the_training_forward_encodes_without_the_padding():
     for name, encode in (("ECG-RN18-CLIPText", _encode_text_unpadded), ("ECG-RN18-MiniLM", _encode_hf_text_unpadded)):
         model = enable_label_passing(open_clip.create_model(name))
         assert vars(model)["encode_text"].__func__ is encode
+
+
+def test_torch_compile_trains_as_eager_and_stops_compiling_once_batch_and_length_are_dynamic():
+    """``--torchcompile`` compiles the training forward: the steps equal eager ones, and once each
+    bucket's batch size and length have varied, new bucket mixes compile nothing new."""
+    from open_clip_ecg.data.pipeline import pack_text_and_labels
+    from open_clip_ecg.training.synthetic_step import N_LABELS, training_parts
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # runs each graph eagerly, counting them
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = training_parts("ECG-RN18-CLIPText", compile_backend=counting_backend)
+    torch.manual_seed(0)
+    eager = training_parts("ECG-RN18-CLIPText")
+    tokenizer = open_clip.get_tokenizer("ECG-RN18-CLIPText")
+    # words per text -> bucket lengths 16/32/48/64/77; each step mixes other buckets, counts and singletons
+    steps = [[3, 3, 20, 20, 20, 20], [3, 20, 20, 40, 40, 40], [3, 3, 3, 3, 3, 3], [3, 20, 40, 55, 70, 70],
+             [70, 70, 70, 70, 70, 3], [20, 55, 55, 3, 3, 40], [40, 40, 40, 40, 40, 40], [3, 20, 40, 55, 70, 10]]
+    counts = []
+    generator = torch.Generator().manual_seed(0)
+    for words in steps:
+        tokens = tokenizer([" ".join(["sinus"] * n) for n in words])
+        labels = (torch.rand(len(words), N_LABELS, generator=generator) < 0.2).float()
+        packed = torch.stack([pack_text_and_labels(t, y) for t, y in zip(tokens, labels)])
+        ecg = torch.randn(len(words), 12, 250, generator=generator)
+        compiled.step(ecg, packed)
+        eager.step(ecg, packed)
+        counts.append(len(graphs))
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+    assert counts[2:] == [counts[2]] * (len(steps) - 2), counts  # nothing compiled after the third step

@@ -26,9 +26,13 @@ workers), interleaved rounds, best round of each:
 * ``recipe_step_open_clip_text_vs_unpadded``: a training step of the recipe model on one batch of
   its loader (its own text lengths) with open_clip's ``encode_text`` (all 77 positions), over
   the same step with the text encoded without its padding (``open_clip_ecg.unpadded_text``, what
-  training uses): the speed-up, interleaved rounds, best of each.
+  training uses): the speed-up, interleaved rounds, best of each;
+* ``recipe_step_eager_vs_compiled`` (with ``--compile``): the same training step on several loader
+  batches, eager over ``torch.compile`` (inductor unless named: what ``--torchcompile`` runs), after a pass
+  that compiles; with the graphs compiled in that pass and in the timed one (0: the bucketed text
+  lengths do not recompile).
 
-    python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR]
+    python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR] [--compile [BACKEND]]
 """
 from __future__ import annotations
 
@@ -325,7 +329,37 @@ def text_padding_steps(shards, device, precision, batch_size, rounds) -> dict:
             "recipe_text_context_length": tokens.shape[1]}
 
 
-def recipe_figures(quick, device, precision, ptbxl) -> tuple:
+def compiled_steps(shards, device, precision, batch_size, n_batches, backend="inductor") -> dict:
+    """Seconds of the recipe's training step, eager and compiled (with `backend`), over `n_batches`
+    loader batches after a first pass over `n_batches` others (where compiling happens); graphs
+    dynamo compiled in each pass (in the timed one, any is a recompile for new text lengths)."""
+    from torch._dynamo.utils import counters
+
+    preparer, tokenizer, text_sampler = _recipe_parts(shards, True)
+    loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
+                               batch_size=batch_size, workers=0, resampled=True,
+                               num_samples=2 * batch_size * n_batches).dataloader
+    batches = [tuple(t.to(device) for t in batch) for batch in loader]
+    passes = {"first": batches[:n_batches], "timed": batches[n_batches:]}
+    torch._dynamo.reset()
+    figures = {}
+    for name, compile_backend in (("eager", None), ("compiled", backend)):
+        torch.manual_seed(0)
+        parts = training_parts(RECIPE_MODEL, device, precision, compile_backend=compile_backend,
+                               init_logit_bias=-10)
+        for pass_name, pass_batches in passes.items():
+            graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+            for ecg, packed in pass_batches:
+                parts.step(ecg, packed)
+            _sync(device)
+            seconds = (time.perf_counter() - start) / n_batches
+            if compile_backend:
+                figures[f"compile_graphs_{pass_name}_pass"] = counters["stats"]["unique_graphs"] - graphs
+        figures[f"recipe_step_s_{name}"] = seconds  # the timed pass's
+    return {**figures, "compile_backend": backend, "compile_batches": n_batches}
+
+
+def recipe_figures(quick, device, precision, ptbxl, compile_backend=None) -> tuple:
     batch_size = 16 if quick else 64
     rounds = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,6 +369,8 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
         per_core = recipe_pipeline_rates(with_beats, older, rounds)
         per_worker = {w: _loader_rate(with_beats, batch_size, w, 3 if quick else 12) / w for w in (1, 2)}
         padding = text_padding_steps(with_beats, device, precision, batch_size, rounds)
+        compiled = (compiled_steps(with_beats, device, precision, batch_size, 6, compile_backend)
+                    if compile_backend else {})
     tower = tower_consumption(device, precision, batch_size)
     gpu = 0.1 * BF16_PEAK_FLOPS / tower["flops_per_sample_fwd_bwd"]
     figures = {
@@ -344,6 +380,7 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
         **{f"loader_samples_per_s_per_worker_{w}_workers": v for w, v in per_worker.items()},
         **tower,
         **padding,
+        **compiled,
         f"gpu_samples_per_s_at_10pct_of_{BF16_PEAK_FLOPS / 1e12:g}_tflops": gpu,
     }
     ratios = {}
@@ -355,6 +392,8 @@ def recipe_figures(quick, device, precision, ptbxl) -> tuple:
     ratios["loader_per_worker_vs_tower_step"] = per_worker[1] / tower["tower_step_samples_per_s"]
     ratios["recipe_step_open_clip_text_vs_unpadded"] = (padding["recipe_step_s_open_clip_text"]
                                                        / padding["recipe_step_s_unpadded_text"])
+    if compiled:
+        ratios["recipe_step_eager_vs_compiled"] = compiled["recipe_step_s_eager"] / compiled["recipe_step_s_compiled"]
     return figures, ratios
 
 
@@ -363,7 +402,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(quick: bool = False, device: str = "cpu", ptbxl: str = None) -> dict:
+def run(quick: bool = False, device: str = "cpu", ptbxl: str = None, compile_backend: str = None) -> dict:
     torch.set_num_threads(torch.get_num_threads())
     precision = "amp_bf16" if torch.device(device).type == "cuda" else "fp32"
     batch_size = 16 if quick else 64
@@ -380,7 +419,8 @@ def run(quick: bool = False, device: str = "cpu", ptbxl: str = None) -> dict:
         per_core = pipeline_rate(shards, tokenizer, batch_size, 0, n_batches)
         with_workers = pipeline_rate(shards, tokenizer, batch_size, workers, n_batches)
     ptbxl = ptbxl or os.environ.get(PTBXL_ENV)
-    recipe, recipe_ratios = recipe_figures(quick, device, precision, ptbxl if ptbxl and os.path.isdir(ptbxl) else None)
+    ptbxl = ptbxl if ptbxl and os.path.isdir(ptbxl) else None
+    recipe, recipe_ratios = recipe_figures(quick, device, precision, ptbxl, compile_backend)
     return {
         "name": "training",
         "figures": {
@@ -406,5 +446,8 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ptbxl", default=None,
                         help=f"PTB-XL folder for the recipe benchmark (default: ${PTBXL_ENV}, else synthetic records)")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                        help="also time the recipe step under torch.compile (default backend inductor, as "
+                             "--torchcompile: minutes of compiling on a CPU)")
     cli = parser.parse_args()
-    print(json.dumps(run(cli.quick, cli.device, cli.ptbxl), indent=2))
+    print(json.dumps(run(cli.quick, cli.device, cli.ptbxl, cli.compile), indent=2))

@@ -60,6 +60,10 @@ def bucket_lengths(lengths: torch.Tensor, context_length: int, multiple: int = B
     return ((lengths + multiple - 1) // multiple * multiple).clamp(max=context_length)
 
 
+# torch.compile (open_clip_train --torchcompile) skips this frame only: the bucketing is data-dependent
+# and its bucket count varies, which would recompile the reassembly every few steps; each bucket's
+# encode_prefix is still compiled (dynamic in batch and length after its first recompile).
+@torch.compiler.disable(recursive=False)
 def encode_in_length_buckets(encode_prefix: Callable[[torch.Tensor], torch.Tensor], text: torch.Tensor,
                              lengths: torch.Tensor, multiple: int = BUCKET_MULTIPLE) -> torch.Tensor:
     """``encode_prefix`` of each row's first `lengths` tokens, rows grouped by their

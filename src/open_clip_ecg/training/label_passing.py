@@ -10,7 +10,6 @@ padding (:mod:`open_clip_ecg.unpadded_text`): exact, and most of a CPU step's te
 """
 from __future__ import annotations
 
-import functools
 import types
 from typing import Optional
 
@@ -56,6 +55,9 @@ def enable_label_passing(model: torch.nn.Module,
     """Make `model` accept packed (labels + tokens) text rows (and embed the finding texts with
     each batch when given), encoding texts without their padding; weights and state_dict unchanged."""
     enable_unpadded_text(model)
-    forward = functools.partial(_labelled_forward, finding_tokens=finding_tokens)
+
+    def forward(self, image=None, text=None):  # a plain function: torch.compile needs its source file
+        return _labelled_forward(self, image, text, finding_tokens)
+
     model.forward = types.MethodType(forward, model)
     return model

@@ -6,7 +6,7 @@ SigLIP loss, backward and an AdamW step, as ``open_clip_ecg.train`` runs them.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import open_clip
 import torch
@@ -28,8 +28,11 @@ class TrainingParts(NamedTuple):
     step: Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def training_parts(model_name: str, device="cpu", precision: str = "fp32", **model_kwargs) -> TrainingParts:
-    """:class:`TrainingParts` of `model_name`; ``model_kwargs`` go to ``open_clip.create_model``."""
+def training_parts(model_name: str, device="cpu", precision: str = "fp32", compile_backend: Optional[str] = None,
+                   **model_kwargs) -> TrainingParts:
+    """:class:`TrainingParts` of `model_name`; ``model_kwargs`` go to ``open_clip.create_model``.
+    With `compile_backend` the step runs ``torch.compile(model, backend=...)``, as
+    ``--torchcompile`` does (with inductor)."""
     from open_clip_train.precision import get_autocast
 
     model = enable_label_passing(open_clip.create_model(model_name, output_dict=True, device=device,
@@ -37,11 +40,12 @@ def training_parts(model_name: str, device="cpu", precision: str = "fp32", **mod
     model.train()
     loss, optimizer = MultiLabelSigLipLoss(), torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = get_autocast(precision, device_type=torch.device(device).type)
+    forward = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def step(ecg: torch.Tensor, packed: torch.Tensor) -> None:
         optimizer.zero_grad()
         with autocast():
-            total = sum(loss(**model(ecg, packed), output_dict=True).values())
+            total = sum(loss(**forward(ecg, packed), output_dict=True).values())
         total.backward()
         optimizer.step()
 
