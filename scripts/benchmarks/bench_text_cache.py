@@ -10,7 +10,8 @@ the ECG tower dominates a full CPU step and hides the text tower's cost):
 * ``minilm_trained_vs_cached``: MiniLM trained end to end (the shipped ECG-RN18-MiniLM) over
   the tiny cached LLM;
 * ``cache_build_vs_minilm_encode``: texts/s of ``text-cache``'s embedding (tiny LLM) over MiniLM's
-  text tower in inference (what embedding each text once with MiniLM would cost).
+  text tower in inference, without its padding as ``load_model`` gives it (what embedding each
+  text once with MiniLM would cost).
 
 Random weights throughout (timing only). With ``--device cuda`` the larger LLM has Qwen3-8B's
 shape (hidden 4096, 36 layers; 16 GB in bfloat16).
@@ -33,6 +34,7 @@ from open_clip_ecg.data.pipeline import pack_text_and_labels
 from open_clip_ecg.random_lm import write_random_decoder_lm
 from open_clip_ecg.text_cache import LMEmbedder, build_text_cache
 from open_clip_ecg.training.label_passing import enable_label_passing
+from open_clip_ecg.unpadded_text import enable_unpadded_text
 
 BASE, MINILM = "ECG-RN18-CLIPText", "ECG-RN18-MiniLM"
 FINDINGS = ("sinus rhythm", "atrial fibrillation", "left axis deviation", "first degree av block",
@@ -106,7 +108,7 @@ def cache_build_rate(folder, texts, out, device) -> float:
 
 @torch.inference_mode()
 def minilm_encode_rate(texts, device) -> float:
-    model = open_clip.create_model(MINILM, device=device).eval()
+    model = enable_unpadded_text(open_clip.create_model(MINILM, device=device).eval())  # as load_model's
     tokenizer = open_clip.get_tokenizer(MINILM)
     model.encode_text(tokenizer(texts[:2]).to(device))
     _sync(device)
