@@ -17,7 +17,9 @@ seam                                        why
                                             and an ``encode_text`` that skips each text's
                                             padding (exact; ``open_clip_ecg.unpadded_text``), and a
                                             lock_image_tower that also freezes
-                                            BatchNorm1d (open_clip's only freezes 2-D)
+                                            BatchNorm1d (open_clip's only freezes 2-D); each
+                                            a plain function bound to the model, which
+                                            ``--torchcompile`` can trace
 ``open_clip_train.main.create_loss``        MultiLabelSigLipLoss (Jaccard targets by default),
                                             stopping the run at the first non-finite loss
 ``open_clip_train.main.torch``              only ``torch.save`` (atomic, records the ECG
