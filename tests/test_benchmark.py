@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+sys.path.insert(0, str(SCRIPT.parent / "benchmarks"))
 
 
 @pytest.mark.slow
@@ -38,7 +39,6 @@ def test_scale_benchmark_runs_on_tiny_mimic_layouts(tmp_path):
 
 def test_the_compiled_recipe_step_compiles_nothing_on_a_second_pass(tmp_path):
     """bench_training --compile's figures (the eager backend here: inductor takes minutes on a CPU)."""
-    sys.path.insert(0, str(SCRIPT.parent / "benchmarks"))
     import bench_training
     from open_clip_ecg.data.pipeline import expand_shards
 

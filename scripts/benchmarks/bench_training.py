@@ -28,9 +28,9 @@ workers), interleaved rounds, best round of each:
   the same step with the text encoded without its padding (``open_clip_ecg.unpadded_text``, what
   training uses): the speed-up, interleaved rounds, best of each;
 * ``recipe_step_eager_vs_compiled`` (with ``--compile``): the same training step on several loader
-  batches, eager over ``torch.compile`` (inductor unless named: what ``--torchcompile`` runs), after a pass
-  that compiles; with the graphs compiled in that pass and in the timed one (0: the bucketed text
-  lengths do not recompile).
+  batches, eager over ``torch.compile`` (inductor unless named: what ``--torchcompile`` runs),
+  after a pass over other batches that compiles; with the graphs compiled in that pass and in the
+  timed one (0: new text lengths do not recompile).
 
     python scripts/benchmarks/bench_training.py [--quick] [--device cuda] [--ptbxl DIR] [--compile [BACKEND]]
 """

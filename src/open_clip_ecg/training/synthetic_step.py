@@ -6,7 +6,7 @@ SigLIP loss, backward and an AdamW step, as ``open_clip_ecg.train`` runs them.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import open_clip
 import torch
@@ -28,8 +28,8 @@ class TrainingParts(NamedTuple):
     step: Callable[[torch.Tensor, torch.Tensor], None]
 
 
-def training_parts(model_name: str, device="cpu", precision: str = "fp32", compile_backend: Optional[str] = None,
-                   **model_kwargs) -> TrainingParts:
+def training_parts(model_name: str, device="cpu", precision: str = "fp32",
+                   compile_backend: Optional[Union[str, Callable]] = None, **model_kwargs) -> TrainingParts:
     """:class:`TrainingParts` of `model_name`; ``model_kwargs`` go to ``open_clip.create_model``.
     With `compile_backend` the step runs ``torch.compile(model, backend=...)``, as
     ``--torchcompile`` does (with inductor)."""
