@@ -33,7 +33,8 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
    fold-7 choices and every seed on fold 8: embedding dimension (128/256/512, with parameter count
    and step time), random crops (none/5 s/2.5 s, also scored on other institutions' Challenge
    records with ``--cinc``), and the loss targets at two batch sizes under two recipes (with the
-   expected same-finding-set pairs per batch). Writes ``OUT/ablations.md``/``.json``.
+   expected same-finding-set pairs per batch; each target is also scored with its own fold-7
+   choices, so jaccard's choices cannot favour it). Writes ``OUT/ablations.md``/``.json``.
 
 Every step is resumable: finished trainings, embeddings and scores are reused on a re-run.
 ``--quick`` runs the whole flow on a tiny budget (for tests). Writes ``OUT/study.md``/``.json``.
@@ -70,6 +71,8 @@ from open_clip_ecg.train import main as train_main
 
 TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
+# the loss ablation's fold-8 scores of a run under its own target's fold-7 choices: OUT/scores/RUN-own-choices.*
+OWN_CHOICES = "-own-choices"
 SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
 DEFAULT_TOWER = "ecg_resnet1d18"
 GENERALIST_TASK = "ptbxl-all"  # the one supervised model for every statement (stage "generalist")
@@ -270,15 +273,15 @@ class Study:
         best = max(rows, key=lambda r: r["fold7_mean"])
         return {"rows": rows, "best": best, "choices": self.choose([r for r in rows if r["setting"] == best["setting"]])}
 
-    def setting_rows(self, name: str, setting: Dict) -> List[Dict]:
-        """Fold-7 rows of one setting (its first seed, jaccard targets): one per training length x
+    def setting_rows(self, name: str, setting: Dict, targets: str = "jaccard") -> List[Dict]:
+        """Fold-7 rows of one setting (its first seed, `targets`): one per training length x
         scoring rule, with each task's macro AUROC and their mean; computed once, then cached."""
-        path = os.path.join(self.cache, f"selection-{name}.json")
+        path = os.path.join(self.cache, f"selection-{name}{'' if targets == 'jaccard' else '-' + targets}.json")
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
-        run = run_name(name, "jaccard", self.args.seeds[0])
-        self.train(run, setting, "jaccard", self.args.seeds[0])
+        run = run_name(name, targets, self.args.seeds[0])
+        self.train(run, setting, targets, self.args.seeds[0])
         epochs = {self.checkpoint(run, epoch): epoch for epoch in self.args.select_epochs}
         _, candidates = choose_on_validation(self.model_name(setting), list(epochs), self.shards, "val", TASKS,
                                              self.args.rules_grid)
@@ -320,29 +323,32 @@ class Study:
             rules = ScoringRules(choice["names"], choice["aggregate"], choice["scoring"])
             yield self.evaluate(model, tokenizer, embedded, task_name, rules, splits)
 
-    def seeds(self, best: Dict, choices: Dict, targets_list: Optional[Sequence[str]] = None) -> Dict:
+    def seeds(self, best: Dict, choices: Dict, targets_list: Optional[Sequence[str]] = None,
+              scores_suffix: str = "") -> Dict:
         """Every target (``--targets`` unless given) x seed with the winner's setting and per-task
-        choices, scored on fold 8 once (scores are cached with the choices they were made under)."""
+        choices, scored on fold 8 once (scores are cached with the choices they were made under, as
+        the run's name + `scores_suffix`: one run can be scored under two sets of choices)."""
         setting = setting_of(best)
         runs = {}
         for targets, seed in itertools.product(targets_list or self.args.targets, self.args.seeds):
             name = run_name(best["setting"], targets, seed)
-            scored, path = (os.path.join(self.cache, f"{name}{ext}") for ext in (".json", ".npz"))
+            key = name + scores_suffix
+            scored, path = (os.path.join(self.cache, f"{key}{ext}") for ext in (".json", ".npz"))
             if os.path.exists(scored) and os.path.exists(path):
                 with open(scored, encoding="utf-8") as f:
                     run = json.load(f)
                 if run.get("choices") == choices:
-                    runs[name] = run
+                    runs[key] = run
                     continue
-            runs[name] = {"targets": targets, "seed": seed, "choices": choices, "tasks": {}}
+            runs[key] = run = {"targets": targets, "seed": seed, "choices": choices, "tasks": {}}
             arrays = {}
             for task, scores, scorer in self.task_scores(name, setting, targets, seed, choices, ("val", "test")):
                 metrics = self.report(task, scores, "zero-shot", {"zeroshot": scorer.describe()})
-                runs[name]["tasks"][task.name] = _summary(metrics)
+                run["tasks"][task.name] = _summary(metrics)
                 arrays[f"{task.name}/y_true"] = scores["test"].y_true
                 arrays[f"{task.name}/y_score"] = scores["test"].y_score
             _write_npz(path, arrays)
-            write_json_atomic(scored, runs[name], indent=2)
+            write_json_atomic(scored, run, indent=2)
         return runs
 
     # ---------------------------------------------------------------- ablations (issue 25)
@@ -383,9 +389,13 @@ class Study:
             for variant in self.variants(ablation):
                 if only and not {variant["name"], variant["name"].replace(f"{self.args.reference}+", "", 1)} & set(only):
                     continue
+                best = {"setting": variant["name"], **variant["setting"]}
                 choices = self.choose(self.setting_rows(variant["name"], variant["setting"]))
-                runs = self.seeds({"setting": variant["name"], **variant["setting"]}, choices, variant["targets"])
-                out[ablation].append({**variant, "choices": choices, "runs": runs})
+                out[ablation].append({**variant, "choices": choices, "runs": self.seeds(best, choices, variant["targets"])})
+                if ablation == "loss":  # jaccard's first seed chose the epochs and rules; now each target its own
+                    out[ablation][-1]["own_choices"] = {
+                        t: self.seeds(best, self.choose(self.setting_rows(variant["name"], variant["setting"], t)),
+                                      [t], scores_suffix=OWN_CHOICES) for t in variant["targets"] if t != "jaccard"}
                 if ablation == "crop" and self.args.cinc:
                     out[ablation][-1]["cinc"] = self.cinc_scores(variant["name"], variant["setting"])
         return out
@@ -689,6 +699,7 @@ def ablation_tables(out: str, results: Dict, args, extras: Dict) -> List[str]:
                     lines.append(f"| {v['label']} | {p.get('same_set_pairs', 0):.1f} (of {p.get('pairs', 0):.0f}) | "
                                  f"{p.get('sharing_pairs', 0):.0f} | jaccard − {other} | " + " | ".join(cells) + " |")
             lines.append("")
+            lines += own_choices_table(out, variants, args)
             continue
         lines += ["Paired difference from the reference (seed-averaged macro AUROC, 95% bootstrap over fold-8 records):",
                   "", "| variant | " + " | ".join(TASKS) + " |", "|---|" + "---|" * len(TASKS)]
@@ -727,6 +738,25 @@ def ablation_tables(out: str, results: Dict, args, extras: Dict) -> List[str]:
                              f"| {_mean_sd(list(cinc['macro_auroc'].values()))} | {d} |")
             lines.append("")
     return lines
+
+
+def own_choices_table(out: str, variants: List[Dict], args) -> List[str]:
+    """The loss differences again, each other target scored with the epochs and rules its own first
+    seed chose on fold 7 (the table above gives every target jaccard's), with their fold-8 means."""
+    variants = [v for v in variants if v.get("own_choices")]
+    if not variants:
+        return []
+    lines = ["Each target with its own fold-7 choices (its first seed chose each task's epoch and scoring rule; "
+             "jaccard keeps its own): fold 8, mean ± sd over seeds, and the paired difference:", "",
+             "| recipe, batch | comparison | " + " | ".join(f"{t} (other's AUROC)" for t in TASKS) + " | epochs chosen |",
+             "|---|---|" + "---|" * (len(TASKS) + 1)]
+    for v in variants:
+        for other, runs in v["own_choices"].items():
+            cells = [f"{_difference_cell(paired_difference(run_scores(out, v['runs'], 'jaccard'), run_scores(out, runs, other), t, args.bootstrap))} "
+                     f"({_mean_sd([r['tasks'][t]['headline']['macro_auroc'] for r in runs.values()])})" for t in TASKS]
+            epochs = "/".join(str(next(iter(runs.values()))["choices"][t]["epoch"]) for t in TASKS)
+            lines.append(f"| {v['label']} | jaccard − {other} | " + " | ".join(cells) + f" | {epochs} |")
+    return lines + [""]
 
 
 def _mean_sd(values: List[float]) -> str:

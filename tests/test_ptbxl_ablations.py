@@ -33,15 +33,50 @@ def test_ablation_variants_share_the_runs_out(study_module, tmp_path, monkeypatc
     """--ablation-variants trains only the named variants (by setting name or suffix)."""
     study = _study(study_module, tmp_path, ablations=["embed-dim", "loss"])
     trained = []
-    monkeypatch.setattr(study, "setting_rows", lambda name, setting: trained.append(name) or [])
+    monkeypatch.setattr(study, "setting_rows",
+                        lambda name, setting, targets="jaccard": trained.append((name, targets)) or [])
     monkeypatch.setattr(study, "choose", lambda rows: {})
-    monkeypatch.setattr(study, "seeds", lambda best, choices, targets: {})
+    monkeypatch.setattr(study, "seeds", lambda best, choices, targets, scores_suffix="": {})
     study.args.ablation_variants = ["dim512", "sampled-text+batch256"]
-    study.ablations()
-    assert trained == [f"{study_module.REFERENCE}+dim512", "sampled-text+batch256"]
+    results = study.ablations()
+    # each loss variant: jaccard's fold-7 rows, then every other target's own rows
+    assert trained == [(f"{study_module.REFERENCE}+dim512", "jaccard")] + [
+        ("sampled-text+batch256", t) for t in ("jaccard", "identity", "exact")]
+    assert set(results["loss"][0]["own_choices"]) == {"identity", "exact"}
     study.args.ablation_variants, trained[:] = None, []
     study.ablations()
-    assert len(trained) == 3 + 4
+    assert len(trained) == 3 + 4 * 3
+
+
+def test_a_run_scored_under_its_own_choices_keeps_its_scores_under_jaccards(study_module, tmp_path, monkeypatch):
+    """seeds() caches scores per choices and suffix: scoring identity with its own fold-7 choices
+    writes RUN-own-choices.* beside RUN.*, and re-running either reuses its file."""
+    import numpy as np
+
+    m = study_module
+    study = _study(m, tmp_path, seeds=[0], bootstrap=10)
+    scored = []
+
+    def task_scores(name, setting, targets, seed, choices, splits):
+        scored.append((name, choices["ptbxl-super"]["epoch"]))
+        for task_name in m.TASKS:
+            yield argparse.Namespace(name=task_name), {"test": argparse.Namespace(
+                y_true=np.eye(2), y_score=np.full((2, 2), choices["ptbxl-super"]["epoch"]))}, argparse.Namespace(
+                describe=dict)
+
+    monkeypatch.setattr(study, "task_scores", task_scores)
+    monkeypatch.setattr(study, "report", lambda task, scores, method, about: {
+        "headline": {"macro_auroc": float(scores["test"].y_score[0, 0])}, "per_label": []})
+    best = {"setting": "r", **m.BASE}
+    jaccards, own = ({t: {"epoch": e} for t in m.TASKS} for e in (12, 24))
+    first = study.seeds(best, jaccards, ["identity"])
+    second = study.seeds(best, own, ["identity"], scores_suffix=m.OWN_CHOICES)
+    assert list(first) == ["r-identity-seed0"] and list(second) == ["r-identity-seed0-own-choices"]
+    assert np.load(tmp_path / "scores" / "r-identity-seed0.npz")["ptbxl-super/y_score"][0, 0] == 12
+    assert np.load(tmp_path / "scores" / "r-identity-seed0-own-choices.npz")["ptbxl-super/y_score"][0, 0] == 24
+    study.seeds(best, jaccards, ["identity"])
+    study.seeds(best, own, ["identity"], scores_suffix=m.OWN_CHOICES)
+    assert scored == [("r-identity-seed0", 12), ("r-identity-seed0", 24)]  # both cached: nothing scored again
 
 
 def test_same_set_pairs_counts_pairs_of_equal_finding_sets(study_module):
@@ -158,6 +193,25 @@ def test_the_loss_table_pairs_targets_within_each_batch_size(study_module, tmp_p
     rows = [line for line in lines if "jaccard − identity" in line and line.startswith("| r, batch")]
     assert len(rows) == 2 and f"{pairs[256]['same_set_pairs']:.1f} (of 32640)" in rows[1]
     assert all(d > 0.1 for d in _cells(m, rows[0])), rows[0]
+    assert not any(line.startswith("Each target with its own") for line in lines)  # none scored that way
+
+
+def test_the_loss_table_also_compares_targets_under_their_own_choices(study_module, tmp_path):
+    """The second loss table: identity scored under its own fold-7 choices (fabricated: far noisier
+    than jaccard, so jaccard − identity is large and positive), with the epochs it chose."""
+    m = study_module
+    variants = _fabricated_variants(m, tmp_path, [("r, batch 64", "r", {"batch": 64}), ("own", "r-own", {})],
+                                    {"r": {"jaccard": 0.3}, "r-own": {"identity": 3.0}})
+    own_runs = variants.pop()["runs"]
+    for run in own_runs.values():
+        run["choices"] = {t: {"epoch": 8 + 4 * i} for i, t in enumerate(m.TASKS)}
+    variants[0]["own_choices"] = {"identity": own_runs}
+    lines = m.ablation_tables(str(tmp_path), {"loss": variants}, argparse.Namespace(seeds=[0], bootstrap=50), {})
+    start = next(i for i, line in enumerate(lines) if line.startswith("Each target with its own"))
+    row = lines[start + 4]
+    assert row.startswith("| r, batch 64 | jaccard − identity |") and row.endswith("| 8/12/16/20 |")
+    differences = [float(cell.split()[0]) for cell in row.split("|")[3:3 + len(m.TASKS)]]
+    assert all(d > 0.1 for d in differences), row
 
 
 def test_the_embed_dim_table_compares_with_the_reference_and_its_cost(study_module, tmp_path):
