@@ -73,6 +73,8 @@ TASKS = ("ptbxl-super", "ptbxl-sub", "ptbxl-rhythm", "ptbxl-form")
 TARGETS = ("jaccard", "identity", "exact")
 # the loss ablation's fold-8 scores of a run under its own target's fold-7 choices: OUT/scores/RUN-own-choices.*
 OWN_CHOICES = "-own-choices"
+# the loss ablation's learning rate at --large-batch: --lr times the rule's factor of the batch ratio
+LR_SCALING = {"sqrt": math.sqrt, "none": lambda ratio: 1.0, "linear": lambda ratio: ratio}
 SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
 DEFAULT_TOWER = "ecg_resnet1d18"
 GENERALIST_TASK = "ptbxl-all"  # the one supervised model for every statement (stage "generalist")
@@ -355,20 +357,26 @@ class Study:
     def variants(self, ablation: str) -> List[Dict]:
         """The reference and its variants for one ablation: label, setting name and setting, and the
         targets trained (the loss ablation: ``--targets`` at ``--batch-size`` and ``--large-batch``
-        under each of ``--loss-recipes``). A variant equal to its reference is left out."""
+        under each of ``--loss-recipes``; at the large batch one candidate setting per
+        ``--large-batch-lr-scaling`` rule, warmup kept in samples). A variant equal to its reference
+        is left out."""
         a = self.args
         reference = {**BASE, **SELECTION[a.reference]}
         if ablation == "loss":
             rows = []
             for recipe in a.loss_recipes:
                 for batch in dict.fromkeys((a.batch_size, a.large_batch)):
-                    name, setting = recipe, {**BASE, **SELECTION[recipe]}
-                    if batch != a.batch_size:  # square-root learning-rate scaling, warmup kept in samples
-                        name = f"{recipe}+batch{batch}"
-                        setting.update(batch_size=batch, lr=a.lr * math.sqrt(batch / a.batch_size),
-                                       warmup=max(1, round(a.warmup * a.batch_size / batch)))
-                    rows.append({"label": f"{recipe}, batch {batch}", "name": name, "setting": setting,
-                                 "targets": list(a.targets), "recipe": recipe, "batch": batch})
+                    row = {"label": f"{recipe}, batch {batch}", "name": recipe, "setting": {**BASE, **SELECTION[recipe]},
+                           "targets": list(a.targets), "recipe": recipe, "batch": batch}
+                    if batch != a.batch_size:
+                        row["lr_candidates"] = [
+                            {"scaling": rule, "name": f"{recipe}+batch{batch}" + ("" if rule == "sqrt" else f"+lr-{rule}"),
+                             "setting": {**row["setting"], "batch_size": batch,
+                                         "lr": a.lr * LR_SCALING[rule](batch / a.batch_size),
+                                         "warmup": max(1, round(a.warmup * a.batch_size / batch))}}
+                            for rule in a.large_batch_lr_scaling]
+                        row.update(name=row["lr_candidates"][0]["name"], setting=row["lr_candidates"][0]["setting"])
+                    rows.append(row)
             return rows
         described = {"embed-dim": f"{self.value(reference, 'embed_dim')}",
                      "crop": f"{self.value(reference, 'crop_seconds'):g} s random crops"}[ablation]
@@ -389,6 +397,7 @@ class Study:
             for variant in self.variants(ablation):
                 if only and not {variant["name"], variant["name"].replace(f"{self.args.reference}+", "", 1)} & set(only):
                     continue
+                variant = self.choose_learning_rate(variant)
                 best = {"setting": variant["name"], **variant["setting"]}
                 choices = self.choose(self.setting_rows(variant["name"], variant["setting"]))
                 out[ablation].append({**variant, "choices": choices, "runs": self.seeds(best, choices, variant["targets"])})
@@ -399,6 +408,20 @@ class Study:
                 if ablation == "crop" and self.args.cinc:
                     out[ablation][-1]["cinc"] = self.cinc_scores(variant["name"], variant["setting"])
         return out
+
+    def choose_learning_rate(self, variant: Dict) -> Dict:
+        """A loss variant at the large batch becomes its learning-rate candidate with the best fold-7
+        mean macro AUROC (jaccard, first seed, best epoch and rule); each candidate trains once."""
+        candidates = variant.get("lr_candidates")
+        if not candidates:
+            return variant
+        fold7 = {c["scaling"]: max(r["fold7_mean"] for r in self.setting_rows(c["name"], c["setting"]))
+                 for c in candidates}
+        chosen = max(candidates, key=lambda c: fold7[c["scaling"]])
+        print(f"fold 7 {variant['label']}: learning rate by {fold7} -> {chosen['scaling']} "
+              f"({chosen['setting']['lr']:g})", flush=True)
+        return {**variant, "name": chosen["name"], "setting": chosen["setting"], "lr_fold7_mean": fold7,
+                "lr_scaling": chosen["scaling"]}
 
     def cinc_shards(self) -> str:
         """The Challenge records of ``--cinc`` from other institutions as 100 Hz, 10 s shards (the
@@ -699,6 +722,12 @@ def ablation_tables(out: str, results: Dict, args, extras: Dict) -> List[str]:
                     lines.append(f"| {v['label']} | {p.get('same_set_pairs', 0):.1f} (of {p.get('pairs', 0):.0f}) | "
                                  f"{p.get('sharing_pairs', 0):.0f} | jaccard − {other} | " + " | ".join(cells) + " |")
             lines.append("")
+            for v in variants:
+                if "lr_fold7_mean" in v:
+                    lines.append(f"Learning rate at {v['label']}, chosen on fold 7 (best mean macro AUROC, jaccard, "
+                                 f"first seed): " + ", ".join(f"{rule} {mean:.3f}" for rule, mean in v["lr_fold7_mean"].items())
+                                 + f" → {v['lr_scaling']} (lr {v['setting']['lr']:g}).")
+            lines += [""] if any("lr_fold7_mean" in v for v in variants) else []
             lines += own_choices_table(out, variants, args)
             continue
         lines += ["Paired difference from the reference (seed-averaged macro AUROC, 95% bootstrap over fold-8 records):",
@@ -926,7 +955,10 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", choices=list(SELECTION), default=REFERENCE,
                         help="the recipe the embed-dim and crop ablations change one thing of")
     parser.add_argument("--large-batch", type=int, default=256,
-                        help="loss ablation: the larger batch (lr scaled by sqrt(ratio), warmup kept in samples)")
+                        help="loss ablation: the larger batch (warmup kept in samples)")
+    parser.add_argument("--large-batch-lr-scaling", nargs="+", choices=list(LR_SCALING), default=["sqrt", "none"],
+                        help="loss ablation: --lr at --large-batch times sqrt(ratio), 1 or the ratio; each rule "
+                             "given trains once (jaccard, first seed) and fold 7 chooses (default: sqrt none)")
     parser.add_argument("--loss-recipes", nargs="+", choices=list(SELECTION), default=[REFERENCE, "sampled-text"],
                         help="loss ablation: the recipes compared (default: the current one and the one without "
                              "finding texts)")

@@ -24,7 +24,7 @@ def study_module():
 
 def _study(module, tmp_path, **options):
     args = argparse.Namespace(out=str(tmp_path), reference=module.REFERENCE, loss_recipes=[module.REFERENCE, "sampled-text"],
-                              batch_size=64, large_batch=256, lr=1e-3, warmup=20, crop_seconds=5.0,
+                              batch_size=64, large_batch=256, large_batch_lr_scaling=["sqrt", "none"], lr=1e-3, warmup=20, crop_seconds=5.0,
                               targets=list(module.TARGETS), ablation_variants=None, **options)
     return module.Study(args)
 
@@ -34,18 +34,20 @@ def test_ablation_variants_share_the_runs_out(study_module, tmp_path, monkeypatc
     study = _study(study_module, tmp_path, ablations=["embed-dim", "loss"])
     trained = []
     monkeypatch.setattr(study, "setting_rows",
-                        lambda name, setting, targets="jaccard": trained.append((name, targets)) or [])
+                        lambda name, setting, targets="jaccard": trained.append((name, targets)) or [{"fold7_mean": 0.5}])
     monkeypatch.setattr(study, "choose", lambda rows: {})
     monkeypatch.setattr(study, "seeds", lambda best, choices, targets, scores_suffix="": {})
     study.args.ablation_variants = ["dim512", "sampled-text+batch256"]
     results = study.ablations()
-    # each loss variant: jaccard's fold-7 rows, then every other target's own rows
-    assert trained == [(f"{study_module.REFERENCE}+dim512", "jaccard")] + [
+    # a large-batch loss variant: each learning-rate candidate's fold-7 rows (a tie keeps the first),
+    # then the chosen one's jaccard rows and every other target's own rows
+    assert trained == [(f"{study_module.REFERENCE}+dim512", "jaccard"), ("sampled-text+batch256", "jaccard"),
+                       ("sampled-text+batch256+lr-none", "jaccard")] + [
         ("sampled-text+batch256", t) for t in ("jaccard", "identity", "exact")]
     assert set(results["loss"][0]["own_choices"]) == {"identity", "exact"}
     study.args.ablation_variants, trained[:] = None, []
     study.ablations()
-    assert len(trained) == 3 + 4 * 3
+    assert len(trained) == 3 + 4 * 3 + 2 * 2
 
 
 def test_a_run_scored_under_its_own_choices_keeps_its_scores_under_jaccards(study_module, tmp_path, monkeypatch):
@@ -115,6 +117,32 @@ def test_the_loss_ablation_scales_lr_by_the_square_root_and_keeps_warmup_in_samp
     assert large["name"] == "sampled-text+batch256"
     assert large["setting"]["lr"] == pytest.approx(2e-3) and large["setting"]["warmup"] == 5
     assert large["setting"]["batch_size"] == 256 and all(v["targets"] == list(m.TARGETS) for v in variants)
+    # the large batch's learning rate: a candidate per scaling rule, the first one the variant's until fold 7 chooses
+    assert [(c["name"], c["setting"]["lr"], c["setting"]["warmup"]) for c in large["lr_candidates"]] == [
+        ("sampled-text+batch256", pytest.approx(2e-3), 5), ("sampled-text+batch256+lr-none", pytest.approx(1e-3), 5)]
+    assert "lr_candidates" not in small
+
+
+def test_fold_7_chooses_the_large_batchs_learning_rate(study_module, tmp_path, monkeypatch):
+    """Each candidate's selection rows are computed (trained once); the best fold-7 mean wins and
+    the variant trains its seeds under that name and setting."""
+    m = study_module
+    study = _study(m, tmp_path, ablations=["loss"])
+    study.args.loss_recipes, study.args.ablation_variants = ["sampled-text"], ["sampled-text+batch256"]
+    fold7 = {"sampled-text": 0.8, "sampled-text+batch256": 0.6, "sampled-text+batch256+lr-none": 0.7}
+    rows = []
+    monkeypatch.setattr(study, "setting_rows", lambda name, setting, targets="jaccard": rows.append(
+        (name, targets)) or [{"fold7_mean": fold7[name] - 0.1}, {"fold7_mean": fold7[name]}])
+    monkeypatch.setattr(study, "choose", lambda rows: {})
+    seeded = []
+    monkeypatch.setattr(study, "seeds", lambda best, choices, targets, scores_suffix="": seeded.append(
+        (best["setting"], best["lr"], scores_suffix)) or {})
+    (variant,) = study.ablations()["loss"]
+    assert variant["name"] == "sampled-text+batch256+lr-none" and variant["lr_scaling"] == "none"
+    assert variant["lr_fold7_mean"] == {"sqrt": 0.6, "none": 0.7}
+    assert rows[:3] == [("sampled-text+batch256", "jaccard"), ("sampled-text+batch256+lr-none", "jaccard"),
+                        ("sampled-text+batch256+lr-none", "jaccard")]
+    assert [s[:2] for s in seeded] == [("sampled-text+batch256+lr-none", pytest.approx(1e-3))] * 3
 
 
 def test_an_embed_dim_variant_resizes_both_projections(study_module, tmp_path):
@@ -194,6 +222,11 @@ def test_the_loss_table_pairs_targets_within_each_batch_size(study_module, tmp_p
     assert len(rows) == 2 and f"{pairs[256]['same_set_pairs']:.1f} (of 32640)" in rows[1]
     assert all(d > 0.1 for d in _cells(m, rows[0])), rows[0]
     assert not any(line.startswith("Each target with its own") for line in lines)  # none scored that way
+    assert not any(line.startswith("Learning rate at") for line in lines)
+    variants[1].update(lr_fold7_mean={"sqrt": 0.6, "none": 0.7}, lr_scaling="none", setting={"lr": 1e-3})
+    lines = m.ablation_tables(str(tmp_path), {"loss": variants}, argparse.Namespace(seeds=[0], bootstrap=50), {})
+    assert "Learning rate at r, batch 256, chosen on fold 7 (best mean macro AUROC, jaccard, first seed): " \
+           "sqrt 0.600, none 0.700 → none (lr 0.001)." in lines
 
 
 def test_the_loss_table_also_compares_targets_under_their_own_choices(study_module, tmp_path):
