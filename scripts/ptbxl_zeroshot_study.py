@@ -33,8 +33,9 @@ Protocol (every figure in the README's PTB-XL section comes from this script):
    fold-7 choices and every seed on fold 8: embedding dimension (128/256/512, with parameter count
    and step time), random crops (none/5 s/2.5 s, also scored on other institutions' Challenge
    records with ``--cinc``), and the loss targets at two batch sizes under two recipes (with the
-   expected same-finding-set pairs per batch; each target is also scored with its own fold-7
-   choices, so jaccard's choices cannot favour it). Writes ``OUT/ablations.md``/``.json``.
+   expected same-finding-set pairs per batch; the large batch's learning rate chosen on fold 7;
+   each target is also scored with its own fold-7 choices, so jaccard's choices cannot favour it).
+   Writes ``OUT/ablations.md``/``.json``.
 
 Every step is resumable: finished trainings, embeddings and scores are reused on a re-run.
 ``--quick`` runs the whole flow on a tiny budget (for tests). Writes ``OUT/study.md``/``.json``.
