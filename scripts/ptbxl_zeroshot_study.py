@@ -76,6 +76,9 @@ TARGETS = ("jaccard", "identity", "exact")
 OWN_CHOICES = "-own-choices"
 # the loss ablation's learning rate at --large-batch: --lr times the rule's factor of the batch ratio
 LR_SCALING = {"sqrt": math.sqrt, "none": lambda ratio: 1.0, "linear": lambda ratio: ratio}
+# ... and its finding-text weight: the pair term sums each ECG's B report pairs, the finding-text
+# term its finding texts, so "scaled" (x the batch ratio) keeps the small batch's balance
+WEIGHT_SCALING = {"kept": lambda ratio: 1, "scaled": lambda ratio: ratio}
 SUPERVISED_TASKS = ("ptbxl-super", "ptbxl-rhythm")
 DEFAULT_TOWER = "ecg_resnet1d18"
 GENERALIST_TASK = "ptbxl-all"  # the one supervised model for every statement (stage "generalist")
@@ -359,8 +362,8 @@ class Study:
         """The reference and its variants for one ablation: label, setting name and setting, and the
         targets trained (the loss ablation: ``--targets`` at ``--batch-size`` and ``--large-batch``
         under each of ``--loss-recipes``; at the large batch one candidate setting per
-        ``--large-batch-lr-scaling`` rule, warmup kept in samples). A variant equal to its reference
-        is left out."""
+        ``--large-batch-lr-scaling`` x ``--large-batch-finding-weight`` rule, warmup kept in
+        samples). A variant equal to its reference is left out."""
         a = self.args
         reference = {**BASE, **SELECTION[a.reference]}
         if ablation == "loss":
@@ -370,12 +373,17 @@ class Study:
                     row = {"label": f"{recipe}, batch {batch}", "name": recipe, "setting": {**BASE, **SELECTION[recipe]},
                            "targets": list(a.targets), "recipe": recipe, "batch": batch}
                     if batch != a.batch_size:
+                        ratio, texts = batch / a.batch_size, row["setting"]["finding_texts"] != "off"
+                        weights = a.large_batch_finding_weight if texts else ["kept"]  # no finding texts: no weight
                         row["lr_candidates"] = [
-                            {"scaling": rule, "name": f"{recipe}+batch{batch}" + ("" if rule == "sqrt" else f"+lr-{rule}"),
+                            {"scaling": lr_rule + ("" if weight == "kept" else f", weight {weight}"),
+                             "name": f"{recipe}+batch{batch}" + ("" if lr_rule == "sqrt" else f"+lr-{lr_rule}")
+                                     + ("" if weight == "kept" else f"+weight-{weight}"),
                              "setting": {**row["setting"], "batch_size": batch,
-                                         "lr": a.lr * LR_SCALING[rule](batch / a.batch_size),
+                                         "lr": a.lr * LR_SCALING[lr_rule](ratio),
+                                         "finding_weight": row["setting"]["finding_weight"] * WEIGHT_SCALING[weight](ratio),
                                          "warmup": max(1, round(a.warmup * a.batch_size / batch))}}
-                            for rule in a.large_batch_lr_scaling]
+                            for weight in weights for lr_rule in a.large_batch_lr_scaling]
                         row.update(name=row["lr_candidates"][0]["name"], setting=row["lr_candidates"][0]["setting"])
                     rows.append(row)
             return rows
@@ -411,8 +419,9 @@ class Study:
         return out
 
     def choose_learning_rate(self, variant: Dict) -> Dict:
-        """A loss variant at the large batch becomes its learning-rate candidate with the best fold-7
-        mean macro AUROC (jaccard, first seed, best epoch and rule); each candidate trains once."""
+        """A loss variant at the large batch becomes its learning-rate (and finding-weight) candidate
+        with the best fold-7 mean macro AUROC (jaccard, first seed, best epoch and rule); each
+        candidate trains once."""
         candidates = variant.get("lr_candidates")
         if not candidates:
             return variant
@@ -960,6 +969,11 @@ def main(argv=None) -> int:
     parser.add_argument("--large-batch-lr-scaling", nargs="+", choices=list(LR_SCALING), default=["sqrt", "none"],
                         help="loss ablation: --lr at --large-batch times sqrt(ratio), 1 or the ratio; each rule "
                              "given trains once (jaccard, first seed) and fold 7 chooses (default: sqrt none)")
+    parser.add_argument("--large-batch-finding-weight", nargs="+", choices=list(WEIGHT_SCALING),
+                        default=["kept", "scaled"],
+                        help="loss ablation, recipes with finding texts: the finding-text weight at --large-batch "
+                             "kept or scaled by the batch ratio (the pair term grows with the batch); crossed with "
+                             "--large-batch-lr-scaling, fold 7 chooses (default: kept scaled)")
     parser.add_argument("--loss-recipes", nargs="+", choices=list(SELECTION), default=[REFERENCE, "sampled-text"],
                         help="loss ablation: the recipes compared (default: the current one and the one without "
                              "finding texts)")

@@ -24,7 +24,8 @@ def study_module():
 
 def _study(module, tmp_path, **options):
     args = argparse.Namespace(out=str(tmp_path), reference=module.REFERENCE, loss_recipes=[module.REFERENCE, "sampled-text"],
-                              batch_size=64, large_batch=256, large_batch_lr_scaling=["sqrt", "none"], lr=1e-3, warmup=20, crop_seconds=5.0,
+                              batch_size=64, large_batch=256, large_batch_lr_scaling=["sqrt", "none"],
+                              large_batch_finding_weight=["kept", "scaled"], lr=1e-3, warmup=20, crop_seconds=5.0,
                               targets=list(module.TARGETS), ablation_variants=None, **options)
     return module.Study(args)
 
@@ -47,7 +48,7 @@ def test_ablation_variants_share_the_runs_out(study_module, tmp_path, monkeypatc
     assert set(results["loss"][0]["own_choices"]) == {"identity", "exact"}
     study.args.ablation_variants, trained[:] = None, []
     study.ablations()
-    assert len(trained) == 3 + 4 * 3 + 2 * 2
+    assert len(trained) == 3 + 4 * 3 + 2 + 4  # batch 256: 2 learning rates, x 2 finding weights with finding texts
 
 
 def test_a_run_scored_under_its_own_choices_keeps_its_scores_under_jaccards(study_module, tmp_path, monkeypatch):
@@ -121,6 +122,13 @@ def test_the_loss_ablation_scales_lr_by_the_square_root_and_keeps_warmup_in_samp
     assert [(c["name"], c["setting"]["lr"], c["setting"]["warmup"]) for c in large["lr_candidates"]] == [
         ("sampled-text+batch256", pytest.approx(2e-3), 5), ("sampled-text+batch256+lr-none", pytest.approx(1e-3), 5)]
     assert "lr_candidates" not in small
+    # with finding texts, each learning rate also with the finding-text weight x 4 (the pair term's growth)
+    assert [(c["scaling"], c["name"], c["setting"]["lr"], c["setting"]["finding_weight"])
+            for c in variants[1]["lr_candidates"]] == [
+        ("sqrt", f"{m.REFERENCE}+batch256", pytest.approx(2e-3), 4),
+        ("none", f"{m.REFERENCE}+batch256+lr-none", pytest.approx(1e-3), 4),
+        ("sqrt, weight scaled", f"{m.REFERENCE}+batch256+weight-scaled", pytest.approx(2e-3), 16),
+        ("none, weight scaled", f"{m.REFERENCE}+batch256+lr-none+weight-scaled", pytest.approx(1e-3), 16)]
 
 
 def test_fold_7_chooses_the_large_batchs_learning_rate(study_module, tmp_path, monkeypatch):
