@@ -180,14 +180,18 @@ def test_training_flags_carry_each_variants_change(study_module, tmp_path, monke
         study.train("run", variant["setting"], "identity", 1)
         argv = calls[0]
         return {key: argv[argv.index(key) + 1] for key in ("--model", "--batch-size", "--lr", "--warmup",
-                                                          "--ecg-seconds", "--ecg-targets", "--seed")}
+                                                          "--ecg-seconds", "--ecg-targets", "--seed",
+                                                          "--ecg-finding-weight") if key in argv}
 
     reference, large = study.variants("loss")[:2]
     assert flags(reference) == {"--model": "ECG-RN18-RR-CLIPText", "--batch-size": "64", "--lr": "0.001",
-                                "--warmup": "20", "--ecg-seconds": "5.0", "--ecg-targets": "identity", "--seed": "1"}
+                                "--warmup": "20", "--ecg-seconds": "5.0", "--ecg-targets": "identity", "--seed": "1",
+                                "--ecg-finding-weight": "4"}
     assert flags(large) | {"--model": None} == {"--model": None, "--batch-size": "256", "--lr": "0.002",
                                                 "--warmup": "5", "--ecg-seconds": "5.0", "--ecg-targets": "identity",
-                                                "--seed": "1"}
+                                                "--seed": "1", "--ecg-finding-weight": "4"}
+    scaled = large["lr_candidates"][3]
+    assert {k: flags(scaled)[k] for k in ("--lr", "--ecg-finding-weight")} == {"--lr": "0.001", "--ecg-finding-weight": "16.0"}
     assert flags(study.variants("crop")[1])["--ecg-seconds"] == "10.0"
     assert flags(study.variants("embed-dim")[2])["--model"] == "ECG-RN18-RR-CLIPText-D512"
 
