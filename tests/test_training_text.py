@@ -214,7 +214,7 @@ def test_length_buckets_encode_each_row_once_and_keep_the_order():
     out = encode_in_length_buckets(encode_prefix, text, lengths)
     assert out[:, 0].tolist() == [1, 2, 3, 4, 5] and out[:, 1].tolist() == text.sum(dim=1).tolist()
     assert out[:, 2].tolist() == [16, 48, 32, 77, 16]
-    assert sorted(c[0] for c in calls) == [1, 1, 1, 2]
+    assert [c[0] for c in calls] == [2, 2, 2, 2]  # the lone texts of 32, 48 and 77 each beside a copy
 
 
 @pytest.mark.parametrize("change", ["no causal mask", "last pooling", "token outputs"])

@@ -339,6 +339,7 @@ def compiled_steps(shards, device, precision, batch_size, n_batches, backend="in
     loader = make_train_loader(shards, tokenizer=tokenizer, preparer=preparer, text_sampler=text_sampler,
                                batch_size=batch_size, workers=0, resampled=True,
                                num_samples=2 * batch_size * n_batches).dataloader
+    torch.manual_seed(0)  # the sampled texts (and with them the bucket mixes) are the same in every run
     batches = [tuple(t.to(device) for t in batch) for batch in loader]
     passes = {"first": batches[:n_batches], "timed": batches[n_batches:]}
     torch._dynamo.reset()

@@ -14,8 +14,8 @@ text's trailing padding, so each text can be cut after its last position that ma
 
 Texts never interact inside a text tower, so a batch is encoded in buckets of texts of similar
 length, each cut to its longest text rounded up to a multiple of 16 (at most five shapes for 77
-positions: few for ``torch.compile``, aligned for tensor cores), and the features are put back in
-the batch's order. One long report no longer makes a whole batch of short texts pay for 77
+positions: few for ``torch.compile``, aligned for tensor cores; a lone text is encoded with a copy
+of itself, so no bucket is a batch of one), and the features are put back in the batch's order. One long report no longer makes a whole batch of short texts pay for 77
 positions. ECG reports and finding texts are short (sampled PTB-XL texts: 20-24 tokens on average),
 and the text tower was about three quarters of a CPU training step of the PTB-XL recipe with
 finding texts (``scripts/benchmarks/bench_training.py`` measures the step both ways).
@@ -73,7 +73,10 @@ def encode_in_length_buckets(encode_prefix: Callable[[torch.Tensor], torch.Tenso
     if len(sizes) == 1:
         return encode_prefix(text[:, :sizes[0]])
     rows = [(buckets == size).nonzero().flatten() for size in sizes]
-    features = torch.cat([encode_prefix(text[r, :size]) for r, size in zip(rows, sizes)])
+    # a lone text goes in beside a copy of itself, whose features are dropped: torch.compile
+    # specialises a batch of one, and would compile one more graph whenever a lone text first appears
+    features = torch.cat([encode_prefix(text[r.repeat(2) if len(r) == 1 else r, :size])[:len(r)]
+                          for r, size in zip(rows, sizes)])
     return features[torch.cat(rows).argsort()]
 
 
