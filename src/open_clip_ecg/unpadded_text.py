@@ -70,8 +70,8 @@ def encode_in_length_buckets(encode_prefix: Callable[[torch.Tensor], torch.Tenso
     :func:`bucket_lengths`, features returned in the rows' order."""
     buckets = bucket_lengths(lengths, text.shape[1], multiple)
     sizes = buckets.unique().tolist()
-    if len(sizes) == 1:
-        return encode_prefix(text[:, :sizes[0]])
+    if len(sizes) == 1:  # contiguous as the buckets' copies are (dynamo guards the strides too)
+        return encode_prefix(text[:, :sizes[0]].contiguous())
     rows = [(buckets == size).nonzero().flatten() for size in sizes]
     # a lone text goes in beside a copy of itself, whose features are dropped: torch.compile
     # specialises a batch of one, and would compile one more graph whenever a lone text first appears
