@@ -406,7 +406,7 @@ class Study:
             for variant in self.variants(ablation):
                 if only and not {variant["name"], variant["name"].replace(f"{self.args.reference}+", "", 1)} & set(only):
                     continue
-                variant = self.choose_learning_rate(variant)
+                variant = self.choose_large_batch_candidate(variant)
                 best = {"setting": variant["name"], **variant["setting"]}
                 choices = self.choose(self.setting_rows(variant["name"], variant["setting"]))
                 out[ablation].append({**variant, "choices": choices, "runs": self.seeds(best, choices, variant["targets"])})
@@ -418,7 +418,7 @@ class Study:
                     out[ablation][-1]["cinc"] = self.cinc_scores(variant["name"], variant["setting"])
         return out
 
-    def choose_learning_rate(self, variant: Dict) -> Dict:
+    def choose_large_batch_candidate(self, variant: Dict) -> Dict:
         """A loss variant at the large batch becomes its learning-rate (and finding-weight) candidate
         with the best fold-7 mean macro AUROC (jaccard, first seed, best epoch and rule); each
         candidate trains once."""
@@ -732,12 +732,10 @@ def ablation_tables(out: str, results: Dict, args, extras: Dict) -> List[str]:
                     lines.append(f"| {v['label']} | {p.get('same_set_pairs', 0):.1f} (of {p.get('pairs', 0):.0f}) | "
                                  f"{p.get('sharing_pairs', 0):.0f} | jaccard − {other} | " + " | ".join(cells) + " |")
             lines.append("")
-            for v in variants:
-                if "lr_fold7_mean" in v:
-                    lines.append(f"Learning rate at {v['label']}, chosen on fold 7 (best mean macro AUROC, jaccard, "
-                                 f"first seed): " + ", ".join(f"{rule} {mean:.3f}" for rule, mean in v["lr_fold7_mean"].items())
-                                 + f" → {v['lr_scaling']} (lr {v['setting']['lr']:g}).")
-            lines += [""] if any("lr_fold7_mean" in v for v in variants) else []
+            chosen = [f"Learning rate at {v['label']}, chosen on fold 7 (best mean macro AUROC, jaccard, first seed): "
+                      + ", ".join(f"{rule} {mean:.3f}" for rule, mean in v["lr_fold7_mean"].items())
+                      + f" → {v['lr_scaling']} (lr {v['setting']['lr']:g})." for v in variants if "lr_fold7_mean" in v]
+            lines += chosen + ([""] if chosen else [])
             lines += own_choices_table(out, variants, args)
             continue
         lines += ["Paired difference from the reference (seed-averaged macro AUROC, 95% bootstrap over fold-8 records):",
