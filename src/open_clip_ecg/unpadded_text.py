@@ -18,7 +18,8 @@ positions: few for ``torch.compile``, aligned for tensor cores; a lone text is e
 of itself, so no bucket is a batch of one), and the features are put back in the batch's order.
 One long report no longer makes a whole batch of short texts pay for 77 positions. ECG reports
 and finding texts are short (sampled PTB-XL texts: 20-24 tokens on average), and the text tower
-was about three quarters of a CPU training step of the PTB-XL recipe with finding texts (``scripts/benchmarks/bench_training.py`` measures the step both ways).
+was about three quarters of a CPU training step of the PTB-XL recipe with finding texts
+(``scripts/benchmarks/bench_training.py`` measures the step both ways).
 :func:`enable_unpadded_text` leaves every other model as it is (no causal mask, ``last``
 pooling, towers that also return their token features, LLM towers).
 """
